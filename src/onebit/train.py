@@ -1,0 +1,369 @@
+"""The training loop: latent-weight training of quantized networks, with checkpoints that resume exactly.
+
+Typical use::
+
+    from onebit.train import TrainConfig, train
+    result = train(TrainConfig(model="binarynet_mlp", dataset="digits", epochs=20,
+                               model_kwargs={"hidden": 512}, out="runs/digits"))
+    print(result.test["accuracy"])
+
+Each epoch writes ``last.pt`` (and ``best.pt`` when validation improves) atomically into
+``out``; ``TrainConfig(resume=True)`` continues from ``last.pt`` so that 2 epochs straight and
+1 + 1 resumed give identical weights. Batches depend only on (seed, epoch), and the torch RNG
+state (dropout, stochastic binarization) is stored in the checkpoint. Ctrl-C saves the state
+reached mid-epoch, including how many batches of the epoch were done, and resuming skips them.
+
+Metrics go to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard events in ``out``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .data import Augment, BatchLoader, DATASETS, load_dataset, split_validation
+from .errors import CheckpointError, OnebitError
+from .files import atomic_write
+from .layers import clip_latent_weights
+from .losses import get_loss
+from .models import create_model
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINT_FORMAT = "onebit-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; stored in every checkpoint."""
+
+    model: str = "binarynet_mlp"
+    dataset: str = "digits"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_end: float | None = None
+    optimizer: str = "adam"
+    lr_scaling: bool = False
+    weight_decay: float = 0.0
+    scheduler: str = "constant"
+    loss: str = "cross_entropy"
+    augment: bool = False
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: int | None = None
+    out: str = "runs/onebit"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise OnebitError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise OnebitError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise OnebitError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise OnebitError(f"learning rate must be a positive number, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs_run: int
+    history: list[dict]
+    test: dict
+    seconds: float
+    interrupted: bool = False
+
+
+def model_kwargs_for(config: TrainConfig) -> dict[str, Any]:
+    """The model's constructor arguments: the dataset fixes input shape and class count."""
+    info = DATASETS.get(config.dataset).info
+    return {"in_shape": tuple(info["input_shape"]), "num_classes": info["num_classes"], **config.model_kwargs}
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by :func:`train`, refusing anything but plain tensors and containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or hostile file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an onebit checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {state.get('version')!r}; this onebit reads version {CHECKPOINT_VERSION}"
+        )
+    for key in ("model_name", "model_kwargs", "model_state", "config"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    return state
+
+
+def model_from_checkpoint(state: dict) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
+    kwargs = dict(state["model_kwargs"])
+    if "in_shape" in kwargs:
+        kwargs["in_shape"] = tuple(kwargs["in_shape"])
+    model = create_model(state["model_name"], **kwargs)
+    try:
+        model.load_state_dict(state["model_state"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not fit model {state['model_name']}: {first[:200]}") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """Per-epoch metrics as JSON lines, CSV and TensorBoard scalars."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        self.jsonl = out / "metrics.jsonl"
+        self.csv = out / "metrics.csv"
+        if not resume:
+            for path in (self.jsonl, self.csv):
+                path.unlink(missing_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        with self.jsonl.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        new_csv = not self.csv.exists()
+        with self.csv.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new_csv:
+                writer.writeheader()
+            writer.writerow(row)
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, row["epoch"])
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, loss_fn, num_classes: int) -> dict:
+    """Loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    total_loss, count = 0.0, 0
+    for x, y in loader:
+        logits = model(x)
+        total_loss += float(loss_fn(logits, y)) * len(y)
+        count += len(y)
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2).view(
+            num_classes, num_classes
+        )
+    if count == 0:
+        raise OnebitError("evaluation set is empty")
+    accuracy = float(confusion.diagonal().sum()) / count
+    return {"loss": total_loss / count, "accuracy": accuracy, "confusion": confusion.tolist()}
+
+
+# --------------------------------------------------------------------------- training
+class _InterruptFlag:
+    """Turns the first Ctrl-C into a flag checked between batches, so the state saved is consistent."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:  # a second Ctrl-C means "stop now"
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset``; see the module docstring."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    resume_state = load_checkpoint(out / "last.pt") if config.resume else None
+    if resume_state is not None:
+        saved = dict(resume_state["config"])
+        for key in ("model", "dataset", "model_kwargs", "seed", "batch_size", "optimizer", "loss", "scheduler"):
+            if saved.get(key) != getattr(config, key):
+                raise CheckpointError(
+                    f"cannot resume: {key} was {saved.get(key)!r} in {out / 'last.pt'}, now {getattr(config, key)!r}"
+                )
+
+    torch.manual_seed(config.seed)
+    full_train = load_dataset(config.dataset, "train", data_dir=config.data_dir)
+    test_set = load_dataset(config.dataset, "test", data_dir=config.data_dir)
+    train_set, val_set = split_validation(full_train, config.val_fraction, seed=config.seed)
+
+    model_kwargs = model_kwargs_for(config)
+    model = create_model(config.model, **model_kwargs)
+    num_classes = model_kwargs["num_classes"]
+    loss_fn = get_loss(config.loss)
+    optimizer = build_optimizer(
+        model, config.optimizer, config.lr, weight_decay=config.weight_decay, lr_scaling=config.lr_scaling
+    )
+    augment = Augment(crop_padding=4 if full_train.images.shape[-1] >= 28 else 1, flip=False) if config.augment else None
+    train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, augment=augment)
+    eval_batch = max(config.batch_size, 256)
+    val_loader = BatchLoader(val_set, eval_batch) if len(val_set) else None
+    test_loader = BatchLoader(test_set, eval_batch)
+    scheduler = build_scheduler(
+        optimizer, config.scheduler, epochs=config.epochs, steps_per_epoch=len(train_loader), lr_end=config.lr_end
+    )
+
+    start_epoch, skip_batches, history, best = 0, 0, [], -1.0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model_state"])
+        optimizer.load_state_dict(resume_state["optimizer_state"])
+        scheduler.load_state_dict(resume_state["scheduler_state"])
+        torch.set_rng_state(resume_state["rng_state"])
+        start_epoch = resume_state["epoch"]
+        skip_batches = resume_state["batches_done"]
+        history = list(resume_state["history"])
+        best = resume_state["best_accuracy"]
+
+    def state(epoch: int, batches_done: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "onebit_version": __version__,
+            "model_name": config.model,
+            "model_kwargs": {**model_kwargs, "in_shape": list(model_kwargs["in_shape"])},
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict(),
+            "rng_state": torch.get_rng_state(),
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "history": history,
+            "best_accuracy": best,
+            "config": dataclasses.asdict(config),
+        }
+
+    log = MetricsLog(out, resume=resume_state is not None)
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        with _InterruptFlag() as interrupt:
+            for epoch in range(start_epoch, config.epochs):
+                epoch_start = time.perf_counter()
+                model.train()
+                train_loader.set_epoch(epoch)
+                running_loss, correct, seen = 0.0, 0, 0
+                bar = _progress(train_loader, len(train_loader), f"epoch {epoch + 1}/{config.epochs}", config.progress)
+                for batch_index, (x, y) in enumerate(bar):
+                    if batch_index < skip_batches:
+                        continue
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                    if not torch.isfinite(loss):
+                        raise OnebitError(
+                            f"loss became {float(loss)} at epoch {epoch + 1}, batch {batch_index + 1}; "
+                            f"last good checkpoint: {out / 'last.pt'}"
+                        )
+                    loss.backward()
+                    optimizer.step()
+                    clip_latent_weights(model)
+                    scheduler.step_batch()
+                    running_loss += float(loss) * len(y)
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+                    bar.set_postfix(loss=f"{running_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+                    if interrupt.raised:
+                        save_checkpoint(out / "last.pt", state(epoch, batch_index + 1))
+                        interrupted = True
+                        break
+                bar.close()
+                if interrupted:
+                    break
+                skip_batches = 0
+                scheduler.step_epoch()
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": running_loss / max(seen, 1),
+                    "train_accuracy": correct / max(seen, 1),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - epoch_start,
+                }
+                if val_loader is not None:
+                    val = evaluate(model, val_loader, loss_fn, num_classes)
+                    row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                score = row.get("val_accuracy", row["train_accuracy"])
+                history.append(row)
+                log.write(row)
+                if config.progress:
+                    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                    print(shown, flush=True)
+                if score > best:
+                    best = score
+                    save_checkpoint(out / "best.pt", state(epoch + 1, 0))
+                save_checkpoint(out / "last.pt", state(epoch + 1, 0))
+    finally:
+        log.close()
+
+    test = evaluate(model, test_loader, loss_fn, num_classes)
+    result = TrainResult(
+        out=out,
+        epochs_run=len(history),
+        history=history,
+        test=test,
+        seconds=time.perf_counter() - started,
+        interrupted=interrupted,
+    )
+    with atomic_write(out / "result.json", "w") as handle:
+        json.dump(
+            {
+                "model": config.model,
+                "dataset": config.dataset,
+                "epochs": result.epochs_run,
+                "seconds": result.seconds,
+                "test_accuracy": test["accuracy"],
+                "test_loss": test["loss"],
+                "interrupted": interrupted,
+            },
+            handle,
+            indent=2,
+        )
+    return result

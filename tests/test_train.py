@@ -1,0 +1,141 @@
+import os
+import signal
+
+import pytest
+import torch
+
+from onebit.errors import CheckpointError, OnebitError, UnknownNameError
+from onebit.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+
+
+def small(tmp_path, **overrides):
+    settings = dict(
+        model="binarynet_mlp",
+        dataset="digits",
+        model_kwargs={"hidden": 128, "depth": 2},
+        epochs=2,
+        batch_size=64,
+        lr=1e-2,
+        out=str(tmp_path / "run"),
+        progress=False,
+        threads=1,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def weights(path):
+    return load_checkpoint(path)["model_state"]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_binary_mlp_learns_digits(tmp_path):
+    result = train(small(tmp_path, epochs=12, model_kwargs={"hidden": 256}, lr=3e-3))
+    assert result.test["accuracy"] >= 0.85
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    out = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "result.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 12
+
+
+def test_resume_after_one_epoch_is_bit_exact(tmp_path):
+    straight = small(tmp_path / "a", epochs=2, model_kwargs={"hidden": 64, "dropout_hidden": 0.2})
+    train(straight)
+    first = small(tmp_path / "b", epochs=1, model_kwargs={"hidden": 64, "dropout_hidden": 0.2})
+    train(first)
+    resumed = small(tmp_path / "b", epochs=2, model_kwargs={"hidden": 64, "dropout_hidden": 0.2}, resume=True)
+    result = train(resumed)
+    assert result.epochs_run == 2
+    assert_same_state(weights(tmp_path / "a" / "run" / "last.pt"), weights(tmp_path / "b" / "run" / "last.pt"))
+
+
+def test_interrupt_mid_epoch_saves_and_resume_is_bit_exact(tmp_path, monkeypatch):
+    config = dict(epochs=2, model_kwargs={"hidden": 64}, optimizer="adam", scheduler="exponential", lr_end=1e-4)
+    train(small(tmp_path / "a", **config))
+
+    import onebit.train as train_module
+
+    steps = {"n": 0}
+    clip = train_module.clip_latent_weights
+
+    def clip_then_interrupt(model):  # called once per optimizer step
+        clip(model)
+        steps["n"] += 1
+        if steps["n"] == 5:  # Ctrl-C in the middle of the first epoch
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "clip_latent_weights", clip_then_interrupt)
+    interrupted = train(small(tmp_path / "b", **config))
+    monkeypatch.undo()
+    assert interrupted.interrupted
+    state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+    assert state["epoch"] == 0 and state["batches_done"] == 5
+    train(small(tmp_path / "b", resume=True, **config))
+    assert_same_state(weights(tmp_path / "a" / "run" / "last.pt"), weights(tmp_path / "b" / "run" / "last.pt"))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train(small(tmp_path, epochs=1))
+    with pytest.raises(CheckpointError, match="seed"):
+        train(small(tmp_path, epochs=2, seed=3, resume=True))
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(small(tmp_path, resume=True))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    train(small(tmp_path, epochs=1))
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    model = model_from_checkpoint(state)
+    assert not model.training
+    assert_same_state(model.state_dict(), state["model_state"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "text"])
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path, damage):
+    train(small(tmp_path, epochs=1))
+    path = tmp_path / "run" / "last.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        for i in range(0, len(data), 97):
+            data[i] ^= 0xFF
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(b"not a checkpoint at all")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        state = load_checkpoint(path)
+        model_from_checkpoint(state)
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "onebit-checkpoint", "payload": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(OnebitError, match="epochs"):
+        small(tmp_path, epochs=0)
+    with pytest.raises(UnknownNameError, match="binarynet_mlp"):
+        train(small(tmp_path, model="no_such_model"))
+    with pytest.raises(UnknownNameError, match="digits"):
+        train(small(tmp_path, dataset="no_such_data"))
