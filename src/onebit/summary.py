@@ -135,6 +135,16 @@ def _bytes(bits: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _counted_modules(module: nn.Module, prefix: str = ""):
+    """Leaf modules, where a quantized layer counts as a leaf although its quantizers are children."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (QuantLinear, QuantConv2d)) or not list(child.children()):
+            yield path, child
+        else:
+            yield from _counted_modules(child, path)
+
+
 def summarize(model: nn.Module, in_shape: tuple[int, ...] | None = None) -> ModelSummary:
     """Run one sample of shape ``in_shape`` (default: ``model.in_shape``) through ``model`` and tabulate it."""
     in_shape = tuple(in_shape or getattr(model, "in_shape"))
@@ -143,7 +153,7 @@ def summarize(model: nn.Module, in_shape: tuple[int, ...] | None = None) -> Mode
     def record(module, inputs, output):
         output_elements[module] = output.numel()  # batch of one
 
-    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    leaves = list(_counted_modules(model))
     handles = [m.register_forward_hook(record) for _, m in leaves]
     was_training = model.training
     try:

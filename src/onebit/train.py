@@ -307,7 +307,7 @@ def train(config: TrainConfig) -> TrainResult:
                     optimizer.step()
                     clip_latent_weights(model)
                     scheduler.step_batch()
-                    running_loss += float(loss) * len(y)
+                    running_loss += float(loss.detach()) * len(y)
                     correct += int((logits.argmax(1) == y).sum())
                     seen += len(y)
                     bar.set_postfix(loss=f"{running_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
