@@ -57,6 +57,7 @@ def test_listings(command, capsys):
 )
 def test_user_errors_are_one_line_and_exit_2(args, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("ONEBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ONEBIT_OFFLINE", "1")
     result = run_cli(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else run_cli(*args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from onebit.layers import QuantAct, QuantConv2d, QuantLayer, QuantLinear, clip_latent_weights
-from onebit.quantizers import KBit, QuantizerError, SteSign, StochasticSign
+from onebit.errors import ConfigError
+from onebit.quantizers import KBit, SteSign, StochasticSign
 
 
 def pm1(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ def test_one_padding_without_padding_is_a_plain_conv():
 
 
 def test_pad_value_needs_zeros_padding_mode():
-    with pytest.raises(QuantizerError, match="padding_mode='zeros'"):
+    with pytest.raises(ConfigError, match="padding_mode='zeros'"):
         QuantConv2d(3, 4, 3, padding=1, padding_mode="reflect", pad_value=1.0)
 
 
@@ -197,7 +198,7 @@ def test_clip_weights_method_returns_the_layer():
 
 @pytest.mark.parametrize("clip", [0, -1.0])
 def test_weight_clip_must_be_positive(clip):
-    with pytest.raises(QuantizerError, match="weight_clip"):
+    with pytest.raises(ConfigError, match="weight_clip"):
         QuantLinear(3, 2, weight_clip=clip)
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from onebit.errors import OnebitError, ShapeError, UnknownNameError
+from onebit.errors import ConfigError
 from onebit.quantizers import (
     QUANTIZERS,
     IdentityQuantizer,
     KBit,
-    QuantizerError,
     SteSign,
     StochasticSign,
     approx_sign,
@@ -126,7 +126,7 @@ def test_stochastic_sign_is_reproducible():
 
 
 def test_stochastic_sign_rejects_seed_and_generator():
-    with pytest.raises(QuantizerError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         StochasticSign(seed=1, generator=torch.Generator())
 
 
@@ -232,15 +232,15 @@ def test_kbit_one_bit_weight_is_dorefa_mean_scaled_sign():
 
 @pytest.mark.parametrize("bits", [0, 9, -1, 2.0, True, "2"])
 def test_kbit_rejects_bits_outside_one_to_eight(bits):
-    with pytest.raises(QuantizerError, match="bits in 1..8") as info:
+    with pytest.raises(ConfigError, match="bits in 1..8") as info:
         KBit(bits)
     assert isinstance(info.value, OnebitError) and isinstance(info.value, ValueError)
-    with pytest.raises(QuantizerError):
+    with pytest.raises(ConfigError):
         kbit(torch.zeros(3), bits)
 
 
 def test_kbit_rejects_unknown_mode():
-    with pytest.raises(QuantizerError, match="activation, weight"):
+    with pytest.raises(ConfigError, match="activation, weight"):
         KBit(2, mode="weights")
 
 
@@ -308,9 +308,9 @@ def test_get_quantizer_none_and_module_are_returned_as_is():
 
 
 def test_get_quantizer_rejects_misuse():
-    with pytest.raises(QuantizerError, match="need a quantizer name"):
+    with pytest.raises(ConfigError, match="need a quantizer name"):
         get_quantizer(None, bits=2)
-    with pytest.raises(QuantizerError, match="name, a module or None"):
+    with pytest.raises(ConfigError, match="name, a module or None"):
         get_quantizer(3)
 
 

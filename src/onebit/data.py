@@ -18,7 +18,7 @@ Where files are looked for (first directory holding every file a split needs win
 3. ``/usr/share/datasets/<hyphenated-name>`` (Debian's ``dataset-*`` packages);
 4. the download cache ``$ONEBIT_CACHE/<name>`` (default ``$XDG_CACHE_HOME/onebit`` or ``~/.cache/onebit``).
 
-When nothing is found and ``download=True`` the upstream files are fetched into the cache:
+When nothing is found and ``download=True`` (and ``$ONEBIT_OFFLINE`` is unset) the upstream files are fetched into the cache:
 written through :func:`onebit.files.atomic_write` and checked against the published checksums
 *before* the rename, so a failed or tampered download leaves nothing behind. Files found locally
 are not checksummed (a re-compressed or gunzipped copy is fine); they are validated structurally
@@ -795,4 +795,5 @@ def dataset_info(name: str) -> dict[str, Any]:
 def load_dataset(name: str, split: str, data_dir: str | os.PathLike | None = None, download: bool = True,
                  **kwargs: Any) -> ArrayDataset:
     """Load split ``"train"`` or ``"test"`` of the registered dataset ``name`` (see the module docstring)."""
+    download = download and not os.environ.get("ONEBIT_OFFLINE")
     return DATASETS.get(name)(split, data_dir=data_dir, download=download, **kwargs)

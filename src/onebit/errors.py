@@ -18,6 +18,10 @@ class UnknownNameError(OnebitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ConfigError(OnebitError, ValueError):
+    """An argument or setting that cannot work (a bit width out of range, a negative clip)."""
+
+
 class DataError(OnebitError):
     """A dataset is missing, truncated, corrupted or of an unexpected format."""
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quantizers import QuantizerError, get_quantizer
+from .errors import ConfigError
+from .quantizers import get_quantizer
 
 __all__ = ["QuantAct", "QuantConv2d", "QuantLayer", "QuantLinear", "clip_latent_weights"]
 
@@ -50,7 +51,7 @@ class QuantLayer:
 
     def _init_quantization(self, input_quantizer, weight_quantizer, weight_clip: float | None) -> None:
         if weight_clip is not None and not weight_clip > 0:
-            raise QuantizerError(f"weight_clip must be positive or None, got {weight_clip!r}")
+            raise ConfigError(f"weight_clip must be positive or None, got {weight_clip!r}")
         # registered even when None, so that assigning a quantizer later registers it too
         self.register_module("input_quantizer", get_quantizer(input_quantizer))
         self.register_module("weight_quantizer", get_quantizer(weight_quantizer))
@@ -122,7 +123,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, *args, **kwargs)
         self._init_quantization(input_quantizer, weight_quantizer, weight_clip)
         if pad_value != 0 and self.padding_mode != "zeros":
-            raise QuantizerError(
+            raise ConfigError(
                 f"pad_value={pad_value} needs padding_mode='zeros' (it replaces the zeros), got {self.padding_mode!r}"
             )
         self.pad_value = float(pad_value)

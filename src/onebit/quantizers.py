@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .errors import OnebitError, ShapeError
+from .errors import ConfigError, ShapeError
 from .registry import Registry
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "IdentityQuantizer",
     "KBit",
     "Quantizer",
-    "QuantizerError",
     "ScaledSign",
     "SteSign",
     "StochasticSign",
@@ -60,10 +59,6 @@ __all__ = [
 ]
 
 QUANTIZERS = Registry("quantizer")
-
-
-class QuantizerError(OnebitError, ValueError):
-    """A quantizer or quantized layer is given arguments it cannot work with."""
 
 
 # --------------------------------------------------------------------------- autograd
@@ -176,9 +171,9 @@ _KBIT_MODES = ("activation", "weight")
 
 def _check_kbit(bits: int, mode: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise QuantizerError(f"kbit quantizer needs bits in 1..8, got {bits!r}")
+        raise ConfigError(f"kbit quantizer needs bits in 1..8, got {bits!r}")
     if mode not in _KBIT_MODES:
-        raise QuantizerError(f"kbit quantizer mode must be one of {', '.join(_KBIT_MODES)}, got {mode!r}")
+        raise ConfigError(f"kbit quantizer mode must be one of {', '.join(_KBIT_MODES)}, got {mode!r}")
 
 
 def _uniform(x: Tensor, bits: int) -> Tensor:
@@ -258,7 +253,7 @@ class StochasticSign(Quantizer):
     def __init__(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if seed is not None and generator is not None:
-            raise QuantizerError("stochastic_sign takes a seed or a generator, not both")
+            raise ConfigError("stochastic_sign takes a seed or a generator, not both")
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else generator
 
@@ -371,7 +366,7 @@ def get_quantizer(spec: str | nn.Module | None, **kwargs) -> nn.Module | None:
     if isinstance(spec, str):
         return QUANTIZERS.create(spec, **kwargs)
     if spec is not None and not isinstance(spec, nn.Module):
-        raise QuantizerError(f"a quantizer is a name, a module or None, got {type(spec).__name__}")
+        raise ConfigError(f"a quantizer is a name, a module or None, got {type(spec).__name__}")
     if kwargs:
-        raise QuantizerError(f"quantizer arguments {sorted(kwargs)} need a quantizer name, got {spec!r}")
+        raise ConfigError(f"quantizer arguments {sorted(kwargs)} need a quantizer name, got {spec!r}")
     return spec
