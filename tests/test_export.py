@@ -1,0 +1,463 @@
+"""Export to .onebit and the engine: bit-exact against PyTorch on every kernel path, thresholds on
+adversarial BatchNorm statistics, bad inputs, checkpoints, no torch in the engine, ONNX."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import onebit
+from onebit.engine import kernels, load
+from onebit.engine import format as fmt
+from onebit.errors import CheckpointError, FormatError, OnebitError, ShapeError
+from onebit.export import ExportError, derive_thresholds, export_checkpoint, export_model, export_onnx
+from onebit.layers import QuantAct, QuantConv2d, QuantLinear
+from onebit.models import create_model
+
+PATHS = kernels.available_paths()
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel_path():
+    before = kernels.current_path()
+    yield
+    kernels.set_path(before)
+
+
+# --------------------------------------------------------------------------- helpers
+def grid_input(n: int, shape, seed: int = 0) -> torch.Tensor:
+    """Inputs in [−1, 1] on a 1/64 grid: every float32 sum of them is exact, in any order, so
+    the first (real-input) layer agrees with PyTorch bit for bit whatever order each sums in."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-64, 65, (n, *shape), generator=g).float() / 64
+
+
+def randomize_bn(model: nn.Module, shape, seed: int = 0, ties: bool = True) -> nn.Module:
+    """Adversarial BatchNorm statistics around the real pre-activations: γ < 0 and γ = 0
+    channels, running variances over 14 orders of magnitude, and (``ties``) channels whose
+    threshold falls exactly on a reachable pre-activation (integer mean, β = 0: BN output 0,
+    sign +1)."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 1.0
+        bn.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(grid_input(64, shape, seed=seed + 1))  # running stats = this batch's
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+            n = bn.num_features
+            bn.running_mean += torch.randn(n, generator=g) * bn.running_var.sqrt() * 0.5
+            bn.running_var *= torch.exp(torch.empty(n).uniform_(-7, 7, generator=g))
+            gamma = torch.randn(n, generator=g)
+            gamma[torch.rand(n, generator=g) < 0.15] = 0.0
+            bn.weight.copy_(gamma)
+            bn.bias.copy_(torch.randn(n, generator=g) * 0.5)
+            if ties:
+                tie = torch.rand(n, generator=g) < 0.3
+                bn.running_mean[tie] = torch.round(bn.running_mean[tie])
+                bn.bias[tie] = 0.0
+    return model.eval()
+
+
+def torch_preactivations(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits and the output of every quantized layer (before pooling and BN), by module name."""
+    outputs: dict[str, np.ndarray] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy()))
+        for name, module in model.named_modules()
+        if isinstance(module, (QuantLinear, QuantConv2d))
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(x).numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, outputs
+
+
+def assert_logits_close(engine: np.ndarray, reference: np.ndarray, rtol: float = 1e-4) -> None:
+    scale = max(float(np.abs(reference).max()), 1e-30)
+    np.testing.assert_allclose(engine, reference, rtol=rtol, atol=rtol * scale)
+
+
+MODELS = {
+    "mlp-mnist": ("binarynet_mlp", dict(in_shape=(1, 28, 28), hidden=96, depth=2)),
+    "mlp-cifar": ("binarynet_mlp", dict(in_shape=(3, 32, 32), hidden=70, depth=3)),
+    "cnn-mnist": ("binarynet_cnn", dict(in_shape=(1, 28, 28), width=0.15, fc_units=200)),
+    "cnn-cifar": ("binarynet_cnn", dict(in_shape=(3, 32, 32), width=0.1, fc_units=100)),
+    "cnn-mnist-pad-1": ("binarynet_cnn", dict(in_shape=(1, 28, 28), width=0.2, fc_units=64, pad_value=-1.0)),
+    "cnn-cifar-pad+1": ("binarynet_cnn", dict(in_shape=(3, 32, 32), width=0.55, channels=(128, 256), fc_units=64, pad_value=1.0)),
+}
+_exported: dict[str, tuple] = {}
+
+
+def exported(key: str, tmp_path_factory) -> tuple[nn.Module, Path]:
+    if key not in _exported:
+        name, kwargs = MODELS[key]
+        torch.manual_seed(hash(key) % 1000)
+        model = randomize_bn(create_model(name, **kwargs), kwargs["in_shape"], seed=len(key))
+        path = tmp_path_factory.mktemp("models") / f"{key}.onebit"
+        export_model(model, path, source={"name": name, "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}})
+        _exported[key] = (model, path)
+    return _exported[key]
+
+
+# --------------------------------------------------------------------------- bit exactness
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_engine_is_bit_exact(key, path, tmp_path_factory):
+    model, file = exported(key, tmp_path_factory)
+    kernels.set_path(path)
+    engine = load(file)
+    shape = MODELS[key][1]["in_shape"]
+    assert engine.input_shape == tuple(shape) and engine.num_classes == 10
+    for n in (1, 3, 64):
+        x = grid_input(n, shape, seed=100 + n)
+        logits, pre = torch_preactivations(model, x)
+        traced = [t for t in engine.trace(x.numpy()) if t.op in ("dense", "conv")]
+        assert [t.name for t in traced] == list(pre)
+        for entry in traced:
+            # binary layers: integer dot products, identical; the first layer: exact float sums
+            np.testing.assert_array_equal(entry.value.astype(np.float32), pre[entry.name], err_msg=entry.name)
+            if entry.name != traced[0].name:
+                assert entry.value.dtype == np.int32
+        predicted = engine.predict(x.numpy())
+        assert predicted.dtype == np.float32 and predicted.shape == (n, 10)
+        assert_logits_close(predicted, logits)
+        np.testing.assert_array_equal(engine.classify(x.numpy()), logits.argmax(1))
+        np.testing.assert_array_equal(predicted, engine.trace(x.numpy())[-1].value)  # fused == unfused
+
+
+def test_all_paths_agree_exactly(tmp_path_factory):
+    _, file = exported("cnn-cifar", tmp_path_factory)
+    x = grid_input(5, (3, 32, 32), seed=9).numpy()
+    results = []
+    for path in PATHS:
+        kernels.set_path(path)
+        results.append(load(file).predict(x))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_real_valued_inputs_agree(tmp_path_factory):
+    """Off the grid the first layer sums in another order than PyTorch; bits may differ only
+    where a pre-activation is within rounding of its threshold, so predictions agree."""
+    model, file = exported("cnn-cifar", tmp_path_factory)
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    logits, _ = torch_preactivations(model, x)
+    assert (load(file).classify(x.numpy()) == logits.argmax(1)).mean() >= 0.95
+
+
+# --------------------------------------------------------------------------- thresholds
+def bn_module(n: int, seed: int, two_d: bool = False) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    bn = (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(n, eps=1e-4).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(n, generator=g) * 20)
+        bn.running_var.copy_(torch.exp(torch.empty(n).uniform_(-16, 16, generator=g)))
+        gamma = torch.randn(n, generator=g)
+        gamma[: n // 5] = 0.0
+        gamma[n // 5: n // 3] *= torch.tensor(1e-30)  # tiny γ: BN scale underflows
+        bn.weight.copy_(gamma)
+        bias = torch.randn(n, generator=g) * 3
+        ties = torch.rand(n, generator=g) < 0.3
+        bn.running_mean[ties] = torch.round(bn.running_mean[ties])
+        bias[ties] = 0.0
+        bn.bias.copy_(bias)
+    return bn
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_integer_thresholds_reproduce_torch_everywhere(seed):
+    n, k = 300, 75
+    bn = bn_module(n, seed)
+    hard = nn.Hardtanh()
+
+    def positive(values: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return (hard(bn(torch.from_numpy(values).view(1, n))) >= 0).numpy().reshape(n)
+
+    s, t = derive_thresholds(positive, n, "int", k)
+    assert s.dtype == np.int8 and t.dtype == np.int32
+    assert {-1, 0, 1} <= set(s.tolist())
+    d = torch.arange(-k, k + 1, dtype=torch.float32)
+    with torch.no_grad():
+        truth = (bn(d[:, None].expand(-1, n).contiguous()) >= 0).numpy()  # [2k+1, n]
+    rule = s[None, :].astype(np.int64) * np.arange(-k, k + 1)[:, None] >= t[None, :]
+    np.testing.assert_array_equal(rule, truth)
+    # γ = 0: constant, by the sign of β (0 → +1)
+    zero = (bn.weight == 0).numpy()
+    assert (s[zero] == 0).all()
+    np.testing.assert_array_equal(t[zero] <= 0, (bn.bias[zero] >= 0).numpy())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float_thresholds_reproduce_torch(seed):
+    n = 200
+    bn = bn_module(n, seed, two_d=True)
+
+    def positive(values: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return (bn(torch.from_numpy(values).view(1, n, 1, 1)) >= 0).numpy().reshape(n)
+
+    s, t = derive_thresholds(positive, n, "float")
+    assert t.dtype == np.float32 and np.isfinite(t).all()
+    rng = np.random.default_rng(seed)
+    # at the threshold, one float below and above, and far away
+    near = np.stack([np.nextafter(np.abs(t) * np.sign(s), -np.inf), np.abs(t) * np.sign(s),
+                     np.nextafter(np.abs(t) * np.sign(s), np.inf)]).astype(np.float32)
+    far = rng.normal(size=(50, n)).astype(np.float32) * np.float32(10.0) ** rng.integers(-3, 6, size=(50, 1))
+    x = np.concatenate([near, far, np.zeros((1, n), np.float32)]).astype(np.float32)
+    with torch.no_grad():
+        truth = (bn(torch.from_numpy(x)[:, :, None, None]) >= 0).numpy().reshape(x.shape)
+    rule = np.where(s > 0, x >= t, np.where(s < 0, -x >= t, np.float32(0) >= t))
+    np.testing.assert_array_equal(rule, truth)
+
+
+# --------------------------------------------------------------------------- other layouts
+def custom_model() -> nn.Sequential:
+    """What the built-in models do not have: biases, Hardtanh, QuantAct, strided and padded
+    pooling of bits and of integers, 70 channels (not a multiple of 64) before a flatten,
+    conv → flatten → BN1d → sign (a per-feature threshold in NHWC order), one-padding."""
+    sign = dict(weight_quantizer="sign")
+    model = nn.Sequential(OrderedDict(
+        conv1=QuantConv2d(3, 8, 3, stride=2, padding=1, bias=True, **sign),
+        bn1=nn.BatchNorm2d(8),
+        act1=nn.Hardtanh(),
+        pool1=nn.MaxPool2d(3, stride=2, padding=1),  # after BN: threshold, then pool bits
+        conv2=QuantConv2d(8, 70, 3, padding=1, bias=True, input_quantizer="sign", pad_value=1.0, **sign),
+        pool2=nn.MaxPool2d(2, stride=2, padding=1),  # before BN: pool integers
+        bn2=nn.BatchNorm2d(70),
+        sign2=QuantAct("sign"),
+        conv3=QuantConv2d(70, 6, 2, bias=False, **sign),  # input_quantizer None on ±1 values
+        flatten=nn.Flatten(),
+        bn3=nn.BatchNorm1d(6 * 2 * 2),
+        drop=nn.Dropout(0.3),
+        fc=QuantLinear(24, 5, bias=True, input_quantizer="approx_sign", **sign),
+        bn4=nn.BatchNorm1d(5),
+    ))
+    model.in_shape = (3, 16, 16)
+    return model
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_custom_layouts_are_bit_exact(path, tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(custom_model(), (3, 16, 16), seed=4, ties=False)
+    export_model(model, tmp_path / "custom.onebit")
+    kernels.set_path(path)
+    engine = load(tmp_path / "custom.onebit")
+    ops = [layer["op"] for layer in engine.metadata["layers"]]
+    assert ops == ["conv", "threshold", "maxpool", "conv", "maxpool", "threshold", "conv", "flatten",
+                   "threshold", "dense", "affine"]
+    x = grid_input(20, (3, 16, 16), seed=1)
+    logits, pre = torch_preactivations(model, x)
+    checked = []
+    for entry in engine.trace(x.numpy()):
+        if entry.name in pre and entry.name != "conv1":  # binary layers: integer dot products
+            layer = dict(model.named_modules())[entry.name]
+            bias = 0 if layer.bias is None else layer.bias.detach().numpy().reshape((-1,) + (1,) * (entry.value.ndim - 2))
+            assert entry.value.dtype == np.int32
+            np.testing.assert_array_equal(entry.value, np.round(pre[entry.name] - bias), err_msg=entry.name)
+            checked.append(entry.name)
+    assert checked == ["conv2", "conv3", "fc"]
+    assert_logits_close(engine.predict(x.numpy()), logits)
+
+
+def test_xnor_and_binaryconnect_models_follow_pytorch(tmp_path):
+    """Real-valued parts (XNOR's α and β, BinaryConnect's ReLU activations) run in float: close, not bit-exact."""
+    cases = [("xnor_mlp", dict(hidden=64)), ("xnor_cnn", dict(in_shape=(1, 28, 28), width=0.2, fc_units=64)),
+             ("xnor_mlp", dict(hidden=64, float_first_last=True)), ("binaryconnect_mlp", dict(hidden=64)),
+             ("binaryconnect_cnn", dict(in_shape=(3, 32, 32), width=0.1, fc_units=64))]
+    for name, kwargs in cases:
+        torch.manual_seed(0)
+        shape = kwargs.get("in_shape", (1, 28, 28))
+        model = randomize_bn(create_model(name, **kwargs), shape, seed=2, ties=False)
+        export_model(model, tmp_path / f"{name}.onebit")
+        x = grid_input(64, shape, seed=7)
+        logits, _ = torch_preactivations(model, x)
+        out = load(tmp_path / f"{name}.onebit").predict(x.numpy())
+        assert (out.argmax(1) == logits.argmax(1)).mean() >= 0.9, name
+        close = np.isclose(out, logits, rtol=1e-3, atol=1e-3 * np.abs(logits).max()).all(axis=1)
+        assert close.mean() >= 0.9, name
+
+
+def test_unsupported_layers_raise_export_errors(tmp_path):
+    bad = [
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 2)),
+        nn.Sequential(nn.Flatten(), QuantLinear(4, 2, weight_quantizer="ternary")),
+        nn.Sequential(nn.Flatten(), QuantLinear(4, 3, weight_quantizer="sign"), nn.BatchNorm1d(3),
+                      QuantLinear(3, 2, input_quantizer="kbit", weight_quantizer="sign")),
+        nn.Sequential(QuantConv2d(1, 2, 2, dilation=2, weight_quantizer="sign"), nn.Flatten()),
+        nn.Sequential(nn.Flatten(), QuantLinear(4, 3, weight_quantizer="sign"), nn.Sigmoid()),
+    ]
+    for model in bad:
+        with pytest.raises(ExportError) as info:
+            export_model(model, tmp_path / "bad.onebit", input_shape=(1, 2, 2))
+        assert isinstance(info.value, OnebitError)
+    assert not (tmp_path / "bad.onebit").exists()
+    with pytest.raises(ExportError, match="input shape is unknown"):
+        export_model(nn.Sequential(nn.Flatten(), QuantLinear(4, 2, weight_quantizer="sign")), tmp_path / "x.onebit")
+
+
+# --------------------------------------------------------------------------- the engine's API
+def test_bad_inputs(tmp_path_factory):
+    model, file = exported("mlp-mnist", tmp_path_factory)
+    engine = load(file)
+    x = grid_input(3, (1, 28, 28)).numpy()
+    with pytest.raises(ShapeError, match=r"expected|must have shape \('N', 1, 28, 28\), got \(3, 28, 28\)"):
+        engine.predict(x[:, 0])
+    with pytest.raises(ShapeError, match=r"got \(3, 1, 28, 27\)"):
+        engine.predict(x[..., :27])
+    with pytest.raises(ShapeError, match="dtype"):
+        engine.predict(x.astype(str))
+    with pytest.raises(ShapeError, match="dtype"):
+        engine.predict(x.astype(np.complex64))
+    np.testing.assert_array_equal(engine.predict(x.astype(np.float64)), engine.predict(x))  # real dtypes are cast
+    assert engine.predict(x.tolist()).shape == (3, 10)
+    assert engine.predict(np.zeros((0, 1, 28, 28), np.float32)).shape == (0, 10)
+    with pytest.raises(ShapeError, match="threads"):
+        load(file, threads=-1)
+
+
+def test_format_errors_from_load(tmp_path_factory, tmp_path):
+    _, file = exported("mlp-mnist", tmp_path_factory)
+    data = file.read_bytes()
+    (tmp_path / "cut.onebit").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError):
+        load(tmp_path / "cut.onebit")
+    meta, tensors = fmt.read_model(file)
+    fmt._write_raw(tmp_path / "v9.onebit", dict(meta, format_version=9), tensors)
+    with pytest.raises(FormatError, match="version 9; this onebit reads version 1"):
+        load(tmp_path / "v9.onebit")
+    with pytest.raises(FormatError):
+        load(tmp_path / "missing.onebit")
+
+
+def test_metadata_and_summary(tmp_path_factory):
+    _, file = exported("cnn-cifar", tmp_path_factory)
+    engine = load(file)
+    meta = engine.metadata
+    assert meta["source_model"]["name"] == "binarynet_cnn"
+    assert meta["source_model"]["kwargs"]["in_shape"] == [3, 32, 32]
+    assert meta["onebit_version"] == onebit.__version__
+    text = engine.summary()
+    assert "binarynet_cnn" in text and "threshold" in text and "conv2.pool" in text
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_concurrent_predictions_match_serial(tmp_path_factory, threads):
+    _, file = exported("cnn-mnist", tmp_path_factory)
+    engine = load(file, threads=threads)
+    batches = [grid_input(n % 5 + 1, (1, 28, 28), seed=n).numpy() for n in range(24)]
+    serial = [engine.predict(b) for b in batches]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(engine.predict, batches), serial):
+                np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"in_shape": [1, 28, 28], "num_classes": 10, "hidden": 64, "depth": 2}
+    model = randomize_bn(create_model("binarynet_mlp", **kwargs), (1, 28, 28))
+    torch.save({"model_name": "binarynet_mlp", "model_kwargs": kwargs, "model_state": model.state_dict(),
+                "epoch": 3}, tmp_path / "best.pt")
+    meta = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onebit")
+    assert meta["source_model"] == {"name": "binarynet_mlp", "kwargs": kwargs}
+    x = grid_input(16, (1, 28, 28), seed=2)
+    logits, _ = torch_preactivations(model, x)
+    engine = load(tmp_path / "model.onebit")
+    assert_logits_close(engine.predict(x.numpy()), logits)
+    np.testing.assert_array_equal(engine.classify(x.numpy()), logits.argmax(1))
+
+    torch.save({"model_name": "binarynet_mlp", "model_kwargs": kwargs}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="model_state"):
+        export_checkpoint(tmp_path / "partial.pt", tmp_path / "x.onebit")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        export_checkpoint(tmp_path / "junk.pt", tmp_path / "x.onebit")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_checkpoint(tmp_path / "none.pt", tmp_path / "x.onebit")
+
+
+# --------------------------------------------------------------------------- no torch in the engine
+def test_engine_runs_without_torch(tmp_path_factory, tmp_path):
+    model, file = exported("cnn-mnist", tmp_path_factory)
+    x = grid_input(4, (1, 28, 28), seed=11)
+    np.save(tmp_path / "x.npy", x.numpy())
+    expected = load(file).predict(x.numpy())
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+import onebit.engine
+from onebit.engine import load
+model = load({str(file)!r})
+out = model.predict(np.load({str(tmp_path / 'x.npy')!r}))
+np.save({str(tmp_path / 'out.npy')!r}, out)
+assert not any(name == "torch" or name.startswith("torch.") for name, m in sys.modules.items() if m is not None)
+print("ok", model.num_classes)
+"""
+    src = str(Path(onebit.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok", "10"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+# --------------------------------------------------------------------------- ONNX
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("binarynet_mlp", dict(hidden=64, depth=2)),
+        ("binarynet_cnn", dict(in_shape=(3, 32, 32), width=0.1, fc_units=64, pad_value=-1.0)),
+        ("xnor_cnn", dict(in_shape=(1, 28, 28), width=0.2, fc_units=64)),
+        ("binaryconnect_cnn", dict(in_shape=(3, 32, 32), width=0.1, fc_units=64)),
+    ],
+)
+def test_onnx_matches_pytorch(name, kwargs, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    shape = kwargs.get("in_shape", (1, 28, 28))
+    model = randomize_bn(create_model(name, **kwargs), shape, seed=1, ties=False)
+    export_onnx(model, tmp_path / "model.onnx")
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    assert "Sign" not in {n.op_type for n in graph.graph.node}  # Sign(0) = 0: Where is used instead
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        x = grid_input(n, shape, seed=n)
+        logits, _ = torch_preactivations(model, x)
+        (out,) = session.run(["logits"], {"input": x.numpy()})
+        assert out.shape == (n, 10)
+        assert (out.argmax(1) == logits.argmax(1)).mean() >= 0.85
+        close = np.isclose(out, logits, rtol=1e-3, atol=1e-3 * np.abs(logits).max()).all(axis=1)
+        assert close.mean() >= 0.85
+
+
+def test_onnx_sign_of_zero_is_plus_one(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = nn.Sequential(nn.Flatten(), QuantLinear(3, 3, bias=False, input_quantizer="sign", weight_quantizer="sign"))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(3) - 0.5)  # signs: +1 on the diagonal, −1 elsewhere
+    export_onnx(model, tmp_path / "sign.onnx", input_shape=(3,))
+    session = ort.InferenceSession(str(tmp_path / "sign.onnx"), providers=["CPUExecutionProvider"])
+    x = np.array([[0.0, -0.5, 2.0]], np.float32)  # signs [+1, −1, +1]; ONNX Sign would give [0, −1, 1]
+    (out,) = session.run(["logits"], {"input": x})
+    np.testing.assert_array_equal(out, [[1.0, -3.0, 1.0]])
+    np.testing.assert_array_equal(out, model(torch.from_numpy(x)).detach().numpy())
