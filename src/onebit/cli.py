@@ -34,10 +34,9 @@ def _model_kwargs(pairs: list[tuple[str, object]] | None) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    config = TrainConfig(
-        model=args.model,
+    # options left unset are None, so that a recipe (or TrainConfig's defaults) supplies them
+    settings = dict(
         dataset=args.dataset,
-        model_kwargs=_model_kwargs(args.model_arg),
         data_dir=args.data_dir,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -56,6 +55,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
     )
+    model_kwargs = _model_kwargs(args.model_arg)
+    if args.recipe:
+        from .recipes import recipe_config
+
+        config = recipe_config(args.recipe, twin=args.float_twin, model=args.model,
+                               model_kwargs=model_kwargs or None, **settings)
+    else:
+        if not args.model:
+            raise OnebitError("give a model name (see `onebit models`) or --recipe NAME (see `onebit recipes`)")
+        if args.float_twin:
+            raise OnebitError("--float-twin needs --recipe")
+        config = TrainConfig(model=args.model, model_kwargs=model_kwargs,
+                             **{k: v for k, v in settings.items() if v is not None})
+    args.model, args.dataset = config.model, config.dataset
     result = train(config)
     if result.interrupted:
         print(f"interrupted: state saved to {result.out / 'last.pt'}; continue with the same command plus --resume")
@@ -117,6 +130,31 @@ def _listing(registry) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipes import describe_recipe, list_recipes, recipe_text
+
+    if args.name:
+        print(recipe_text(args.name), end="")
+        return 0
+    names = list_recipes()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name.ljust(width)}  {describe_recipe(name)}")
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from .robustness import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import MODELS
 
@@ -145,26 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-m", "--model-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                        help="model constructor argument, e.g. -m hidden=1024 -m width=0.5 (repeatable)")
 
-    train = commands.add_parser("train", help="train a model on a dataset")
-    train.add_argument("model", help="model name (see `onebit models`)")
-    train.add_argument("--dataset", "-d", default="digits", help="dataset name (see `onebit datasets`); default digits")
+    train = commands.add_parser("train", help="train a model on a dataset, or a paper's recipe (--recipe)")
+    train.add_argument("model", nargs="?", help="model name (see `onebit models`); with --recipe, replaces the recipe's")
+    train.add_argument("--recipe", "-r", help="start from a published setting (see `onebit recipes`); options given override it")
+    train.add_argument("--float-twin", action="store_true", help="with --recipe: train its full-precision baseline")
+    train.add_argument("--dataset", "-d", help="dataset name (see `onebit datasets`); default digits")
     train.add_argument("--data-dir", help="folder holding the dataset files (default: $ONEBIT_DATA, system folders)")
     model_arg(train)
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=100)
-    train.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    train.add_argument("--epochs", type=int, help="default 10")
+    train.add_argument("--batch-size", type=int, help="default 100")
+    train.add_argument("--lr", type=float, help="initial learning rate (default 1e-3)")
     train.add_argument("--lr-end", type=float, help="final learning rate of the exponential schedule")
-    train.add_argument("--optimizer", default="adam", help="adam, sgd or bop")
-    train.add_argument("--lr-scaling", action="store_true",
+    train.add_argument("--optimizer", help="adam (default), sgd or bop")
+    train.add_argument("--lr-scaling", action="store_true", default=None,
                        help="BinaryNet's per-layer learning-rate scaling (1/Glorot range) for binary layers")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--scheduler", default="constant", help="constant, exponential, cosine or sgdr")
-    train.add_argument("--loss", default="cross_entropy", help="cross_entropy or square_hinge")
-    train.add_argument("--augment", action="store_true", help="random crop with padding")
-    train.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--weight-decay", type=float, help="default 0")
+    train.add_argument("--scheduler", help="constant (default), exponential, cosine or sgdr")
+    train.add_argument("--loss", help="cross_entropy (default) or square_hinge")
+    train.add_argument("--augment", action="store_true", default=None, help="random crop with padding")
+    train.add_argument("--val-fraction", type=float, help="share of the training set held out (default 0.1)")
+    train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    train.add_argument("--out", "-o", default="runs/onebit", help="output folder for checkpoints and metrics")
+    train.add_argument("--out", "-o", help="output folder for checkpoints and metrics (default runs/onebit, runs/RECIPE)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
     train.set_defaults(func=cmd_train)
@@ -184,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--dataset", "-d", help="take input shape and class count from this dataset")
     summary.add_argument("--json", action="store_true")
     summary.set_defaults(func=cmd_summary)
+
+    recipes = commands.add_parser("recipes", help="list the training recipes, or print one with its sources")
+    recipes.add_argument("name", nargs="?", help="recipe to print")
+    recipes.set_defaults(func=cmd_recipes)
+
+    from .robustness import add_arguments as robustness_arguments
+
+    robustness = commands.add_parser("robustness", help="accuracy of checkpoints under input noise and FGSM")
+    robustness_arguments(robustness).set_defaults(func=cmd_robustness)
+
+    from .report import add_arguments as report_arguments
+
+    report = commands.add_parser("report", help="markdown results table and curves from run folders")
+    report_arguments(report).set_defaults(func=cmd_report)
 
     for name, func, what in (
         ("models", cmd_models, "list the models"),

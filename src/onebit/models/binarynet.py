@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import OnebitError, ShapeError
 from ..layers import QuantConv2d, QuantLinear
+from ..quantizers import get_quantizer
 from . import MODELS
 
 __all__ = ["build", "cnn", "mlp"]
@@ -90,6 +91,17 @@ def _finish(model: nn.Sequential, in_shape: tuple[int, int, int], num_classes: i
     return model
 
 
+def _quantizer(spec, args: dict | None, what: str):
+    """``spec`` for one layer: with ``args`` (``{"bits": 2}``) a fresh module ``get_quantizer(spec, **args)``."""
+    if not args:
+        return spec
+    if not isinstance(args, dict):
+        raise OnebitError(f"{what}_args must be a dict of quantizer arguments, got {args!r}")
+    if spec is None:
+        raise OnebitError(f"{what}_args {args!r} given without a {what}")
+    return get_quantizer(spec, **args)
+
+
 def build(builder, name: str, kwargs: dict, **defaults) -> nn.Sequential:
     """``builder(**{**defaults, **kwargs})``, with an unknown keyword a one-line user error."""
     valid = [p for p in inspect.signature(builder).parameters]
@@ -114,6 +126,8 @@ def mlp(
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-4,
     float_first_last: bool = False,
+    weight_quantizer_args: dict | None = None,
+    input_quantizer_args: dict | None = None,
 ) -> nn.Sequential:
     """Fully connected net: Flatten → [Dropout] → depth × (Linear → BN → [act] → [Dropout]) → Linear → BN.
 
@@ -132,6 +146,9 @@ def mlp(
     dropout_in = _check_rate("dropout_in", dropout_in)
     dropout_hidden = _check_rate("dropout_hidden", dropout_hidden)
     _activation(activation)  # validate early
+    wq = lambda: _quantizer(weight_quantizer, weight_quantizer_args, "weight_quantizer")  # noqa: E731
+    iq = lambda: _quantizer(input_quantizer, input_quantizer_args, "input_quantizer")  # noqa: E731
+    wq(), iq()  # validate early
 
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     if dropout_in:
@@ -146,8 +163,8 @@ def mlp(
                     width,
                     hidden,
                     bias=False,
-                    input_quantizer=None if first else input_quantizer,
-                    weight_quantizer=None if first and float_first_last else weight_quantizer,
+                    input_quantizer=None if first else iq(),
+                    weight_quantizer=None if first and float_first_last else wq(),
                     weight_clip=None if first and float_first_last else weight_clip,
                 ),
             ),
@@ -160,7 +177,7 @@ def mlp(
             block.append(("dropout", nn.Dropout(dropout_hidden)))
         layers.append((f"fc{k + 1}", nn.Sequential(OrderedDict(block))))
         width = hidden
-    last_input = None if depth == 0 or float_first_last else input_quantizer
+    last_input = None if depth == 0 or float_first_last else iq()
     layers.append(
         (
             "out",
@@ -171,7 +188,7 @@ def mlp(
                         num_classes,
                         bias=False,
                         input_quantizer=last_input,
-                        weight_quantizer=None if float_first_last else weight_quantizer,
+                        weight_quantizer=None if float_first_last else wq(),
                         weight_clip=None if float_first_last else weight_clip,
                     ),
                     bn=nn.BatchNorm1d(num_classes, eps=bn_eps, momentum=bn_momentum),
@@ -198,6 +215,8 @@ def cnn(
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-4,
     float_first_last: bool = False,
+    weight_quantizer_args: dict | None = None,
+    input_quantizer_args: dict | None = None,
 ) -> nn.Sequential:
     """VGG-style conv net, BinaryNet's CIFAR-10 net by default: (2×128C3)–MP2–(2×256C3)–MP2–(2×512C3)–MP2–(2×1024FC)–10.
 
@@ -220,6 +239,9 @@ def cnn(
     if not stage_channels:
         raise OnebitError("channels must list at least one stage")
     _activation(activation)
+    wq = lambda: _quantizer(weight_quantizer, weight_quantizer_args, "weight_quantizer")  # noqa: E731
+    iq = lambda: _quantizer(input_quantizer, input_quantizer_args, "input_quantizer")  # noqa: E731
+    wq(), iq()  # validate early
     c, h, w = in_shape
     if h >> len(stage_channels) < 1 or w >> len(stage_channels) < 1:
         raise ShapeError(
@@ -249,8 +271,8 @@ def cnn(
                 3,
                 padding=1,
                 bias=False,
-                input_quantizer=None if first else input_quantizer,
-                weight_quantizer=None if first and float_first_last else weight_quantizer,
+                input_quantizer=None if first else iq(),
+                weight_quantizer=None if first and float_first_last else wq(),
                 weight_clip=None if first and float_first_last else weight_clip,
                 pad_value=pad_value if (not first and input_quantizer is not None) else 0.0,
             )
@@ -263,8 +285,8 @@ def cnn(
     units = _scaled(width, fc_units)
     for k in range(fc_layers):
         linear = QuantLinear(
-            features, units, bias=False, input_quantizer=input_quantizer,
-            weight_quantizer=weight_quantizer, weight_clip=weight_clip,
+            features, units, bias=False, input_quantizer=iq(),
+            weight_quantizer=wq(), weight_clip=weight_clip,
         )
         norm = nn.BatchNorm1d(units, eps=bn_eps, momentum=bn_momentum)
         layers.append((f"fc{k + 1}", block("linear", linear, norm, pool=False)))
@@ -273,8 +295,8 @@ def cnn(
         features,
         num_classes,
         bias=False,
-        input_quantizer=None if float_first_last else input_quantizer,
-        weight_quantizer=None if float_first_last else weight_quantizer,
+        input_quantizer=None if float_first_last else iq(),
+        weight_quantizer=None if float_first_last else wq(),
         weight_clip=None if float_first_last else weight_clip,
     )
     layers.append(

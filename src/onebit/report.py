@@ -1,0 +1,495 @@
+"""The results page: a markdown report generated from training-run folders.
+
+    python -m onebit.report runs/ -o docs/results.md          # or build_report(["runs"], "docs/results.md")
+
+Every folder under the given ones that holds a ``result.json`` (written by
+:func:`onebit.train.train`) is a run. For each run the report reads ``result.json`` (test
+accuracy, wall time, epochs), ``metrics.jsonl`` (per-epoch train/val accuracy) and the
+training configuration — from ``config.json`` if the folder has one, else from the
+``"config"`` entry of ``last.pt`` (or ``best.pt``), loaded with ``weights_only=True``.
+
+It writes, through :func:`onebit.files.atomic_write`:
+
+* a markdown file with one table row per run — recipe/model, dataset, epochs, wall time,
+  test error, the error of its float twin and the gap — followed by the exact
+  ``onebit train`` command that reproduces each row, and a table of published results next
+  to ours where a run matches the paper's setting;
+* one PNG per dataset (``<figures>/curves_<dataset>.png``, default folder ``figures/``
+  beside the markdown) with train and validation accuracy per epoch for every run.
+
+A binary run's *float twin* is a run on the same dataset whose model is the recipe's
+``float_twin`` (else ``float_mlp`` / ``float_cnn`` by name) and whose layers have the same
+shapes (same width, depth, channels), preferring one with the same number of epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import OnebitError
+from .files import atomic_write
+
+__all__ = [
+    "PAPER_RESULTS",
+    "Run",
+    "add_arguments",
+    "build_report",
+    "find_runs",
+    "load_run",
+    "main",
+    "plot_curves",
+    "render_markdown",
+    "run_from_args",
+    "train_command",
+]
+
+#: Published test errors (%) compared with ours where a run matches ``model``/``dataset``/``loss``
+#: and uses the model's own quantizers (no ``*_quantizer`` override in its model arguments).
+PAPER_RESULTS: list[dict[str, Any]] = [
+    {"setting": "BinaryNet MLP 3×4096, MNIST", "model": "binarynet_mlp", "dataset": "mnist", "loss": None,
+     "error": 0.96, "source": "Courbariaux et al. 2016 (arXiv:1602.02830), Table 1, Theano"},
+    {"setting": "BinaryNet ConvNet, CIFAR-10", "model": "binarynet_cnn", "dataset": "cifar10", "loss": None,
+     "error": 11.40, "source": "Courbariaux et al. 2016 (arXiv:1602.02830), Table 1, Theano"},
+    {"setting": "BinaryNet ConvNet, SVHN", "model": "binarynet_cnn", "dataset": "svhn", "loss": None,
+     "error": 2.80, "source": "Courbariaux et al. 2016 (arXiv:1602.02830), Table 1, Theano"},
+    {"setting": "BinaryNet MLP, MNIST, square hinge loss", "model": "binarynet_mlp", "dataset": "mnist",
+     "loss": "square_hinge", "error": 1.06, "source": "hinge vs cross-entropy comparison (citation to be added)"},
+    {"setting": "BinaryNet MLP, MNIST, cross-entropy loss", "model": "binarynet_mlp", "dataset": "mnist",
+     "loss": "cross_entropy", "error": 1.02, "source": "hinge vs cross-entropy comparison (citation to be added)"},
+]
+
+_QUANTIZER_OVERRIDES = ("weight_quantizer", "input_quantizer", "weight_quantizer_args", "input_quantizer_args")
+
+
+# --------------------------------------------------------------------------- runs
+@dataclasses.dataclass
+class Run:
+    """One training-run folder, as read by :func:`load_run`."""
+
+    path: Path
+    result: dict
+    config: dict
+    history: list[dict]
+    model_kwargs: dict  # what the model was built with (checkpoint), else the config's
+    recipe: str | None = None
+    twin: "Run | None" = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self) -> str:
+        return str(self.config.get("model") or self.result.get("model"))
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("dataset") or self.result.get("dataset"))
+
+    @property
+    def epochs(self) -> int:
+        return int(self.result.get("epochs") or len(self.history))
+
+    @property
+    def error(self) -> float | None:
+        """Test error in percent."""
+        acc = self.result.get("test_accuracy")
+        return None if acc is None else 100.0 * (1.0 - float(acc))
+
+    @property
+    def seconds(self) -> float | None:
+        """Wall time: result.json's seconds, or the sum of the per-epoch seconds of metrics.jsonl when
+        that is larger (a resumed run's result.json counts only its last session)."""
+        per_epoch = sum(float(row.get("seconds", 0.0)) for row in self.history)
+        total = self.result.get("seconds")
+        if total is None:
+            return per_epoch or None
+        return max(float(total), per_epoch)
+
+    @property
+    def is_float(self) -> bool:
+        return self.model.startswith("float_")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OnebitError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _read_history(path: Path) -> list[dict]:
+    """metrics.jsonl rows, one per epoch (the last row wins for a repeated epoch)."""
+    if not path.is_file():
+        return []
+    rows: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of an interrupted write
+        if isinstance(row, dict) and "epoch" in row:
+            rows[int(row["epoch"])] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """(config, model_kwargs) from config.json or the folder's checkpoint; ({}, {}) when neither exists."""
+    config: dict = {}
+    if (folder / "config.json").is_file():
+        config = dict(_read_json(folder / "config.json"))
+    for name in ("last.pt", "best.pt"):
+        if (folder / name).is_file():
+            from .train import load_checkpoint
+
+            state = load_checkpoint(folder / name)
+            return (config or dict(state["config"])), dict(state.get("model_kwargs") or {})
+    return config, dict(config.get("model_kwargs") or {})
+
+
+def load_run(folder: str | os.PathLike) -> Run:
+    """Read one run folder (it must hold ``result.json``)."""
+    folder = Path(folder)
+    result = _read_json(folder / "result.json")
+    if not isinstance(result, dict):
+        raise OnebitError(f"{folder / 'result.json'} is not a JSON object")
+    config, model_kwargs = _read_checkpoint(folder)
+    run = Run(folder, result, config, _read_history(folder / "metrics.jsonl"), model_kwargs or {})
+    run.recipe = config.get("recipe") or _infer_recipe(config)
+    return run
+
+
+def find_runs(runs_dirs: Iterable[str | os.PathLike]) -> list[Run]:
+    """Every run folder (holding ``result.json``) in or under ``runs_dirs``, sorted by dataset, model, path."""
+    seen: set[Path] = set()
+    runs: list[Run] = []
+    for root in runs_dirs:
+        root = Path(root)
+        if not root.exists():
+            raise OnebitError(f"runs folder {root} does not exist")
+        candidates = [root / "result.json"] if (root / "result.json").is_file() else sorted(root.rglob("result.json"))
+        for result_file in candidates:
+            folder = result_file.parent.resolve()
+            if folder not in seen:
+                seen.add(folder)
+                runs.append(load_run(result_file.parent))
+    runs.sort(key=lambda r: (r.dataset, r.is_float, r.model, str(r.path)))
+    return runs
+
+
+# --------------------------------------------------------------------------- recipes and twins
+_RECIPE_KEYS = ("model", "dataset", "model_kwargs", "batch_size", "lr", "lr_end", "optimizer", "lr_scaling",
+                "weight_decay", "scheduler", "loss", "augment", "val_fraction")
+
+
+def _infer_recipe(config: dict) -> str | None:
+    """The recipe whose settings (all but epochs, seed and paths) the config has, if any."""
+    if not config:
+        return None
+    try:
+        from .recipes import list_recipes, recipe_config
+
+        names = list_recipes()
+        for twin in (False, True):
+            for name in names:
+                candidate = dataclasses.asdict(recipe_config(name, twin=twin))
+                if all(_same(candidate.get(k), config.get(k)) for k in _RECIPE_KEYS):
+                    return f"{name} (float twin)" if twin and candidate["model"] != recipe_config(name).model else name
+    except OnebitError:
+        return None
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _twin_model(run: Run) -> str | None:
+    from .recipes import float_twin_of
+
+    if run.recipe and not run.recipe.endswith("(float twin)"):
+        try:
+            from .recipes import load_recipe
+
+            twin = load_recipe(run.recipe).get("float_twin")
+            if twin and twin != run.model:
+                return twin
+        except OnebitError:
+            pass
+    return float_twin_of(run.model)
+
+
+def _layer_shapes(run: Run) -> tuple | None:
+    """The (name, shape) of every parameter and buffer of the run's model, built on the meta device."""
+    import torch
+
+    from .models import create_model
+
+    kwargs = dict(run.model_kwargs)
+    if "in_shape" in kwargs:
+        kwargs["in_shape"] = tuple(kwargs["in_shape"])
+    try:
+        with torch.device("meta"):
+            model = create_model(run.model, **kwargs)
+    except Exception:  # an old or foreign checkpoint: fall back to comparing arguments
+        return None
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def _pair_twins(runs: list[Run]) -> None:
+    shapes = {id(r): _layer_shapes(r) for r in runs}
+
+    def architecture(run: Run):
+        if shapes[id(run)] is not None:
+            return shapes[id(run)]
+        from .recipes import twin_model_kwargs
+
+        return json.dumps(twin_model_kwargs(run.model_kwargs), sort_keys=True, default=str)
+
+    for run in runs:
+        if run.is_float:
+            continue
+        twin_model = _twin_model(run)
+        candidates = [
+            r for r in runs
+            if r.model == twin_model and r.dataset == run.dataset and r.error is not None
+            and architecture(r) == architecture(run)
+        ]
+        if candidates:
+            candidates.sort(key=lambda r: (r.epochs != run.epochs, abs(r.epochs - run.epochs), str(r.path)))
+            run.twin = candidates[0]
+
+
+# --------------------------------------------------------------------------- commands
+def _cli_value(value: Any) -> str:
+    if isinstance(value, str):
+        import ast
+
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+        return value if parsed == value else repr(value)
+    return repr(value)
+
+
+_ALWAYS = ("dataset", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss")
+
+
+def train_command(config: dict) -> str:
+    """The ``onebit train`` command line that reproduces a run's ``config`` (a TrainConfig as a dict).
+
+    Dataset, epochs, batch size, learning rate, optimizer, schedule and loss are always written;
+    the other settings only where they differ from TrainConfig's defaults; ``threads``,
+    ``progress`` and ``resume`` (which do not change the result) never.
+    """
+    from .train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    parts = ["onebit", "train", str(config["model"])]
+    flags = [
+        ("dataset", "--dataset"), ("data_dir", "--data-dir"), ("epochs", "--epochs"),
+        ("batch_size", "--batch-size"), ("lr", "--lr"), ("lr_end", "--lr-end"), ("optimizer", "--optimizer"),
+        ("weight_decay", "--weight-decay"), ("scheduler", "--scheduler"), ("loss", "--loss"),
+        ("val_fraction", "--val-fraction"), ("seed", "--seed"),
+    ]
+    for key, flag in flags:
+        value = config.get(key, defaults.get(key))
+        if key in _ALWAYS or (value is not None and not _same(value, defaults.get(key))):
+            parts += [flag, value if isinstance(value, str) else repr(value)]
+    for key, value in (config.get("model_kwargs") or {}).items():
+        parts += ["-m", f"{key}={_cli_value(value)}"]
+    for key, flag in (("lr_scaling", "--lr-scaling"), ("augment", "--augment")):
+        if config.get(key):
+            parts.append(flag)
+    if config.get("out"):
+        parts += ["--out", str(config["out"])]
+    return " ".join(_quote(str(p)) for p in parts)
+
+
+def _quote(word: str) -> str:
+    """Shell quoting that stays readable for Python literals: ``"x={'bits': 2}"`` rather than shlex's ``'"'"'``."""
+    quoted = shlex.quote(word)
+    if quoted == word or "'" not in word or any(c in word for c in '"$`\\!'):
+        return quoted
+    return f'"{word}"'
+
+
+# --------------------------------------------------------------------------- rendering
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _fmt_err(error: float | None) -> str:
+    return "—" if error is None else f"{error:.2f}%"
+
+
+def _label(run: Run) -> str:
+    return f"{run.recipe} (`{run.model}`)" if run.recipe else f"`{run.model}`"
+
+
+def _matches_paper(run: Run, entry: dict) -> bool:
+    if run.model != entry["model"] or run.dataset != entry["dataset"] or run.error is None:
+        return False
+    if entry.get("loss") and run.config.get("loss") != entry["loss"]:
+        return False
+    return not any(k in (run.config.get("model_kwargs") or {}) for k in _QUANTIZER_OVERRIDES)
+
+
+def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[str] = ()) -> str:
+    """The report's markdown for ``runs`` (twins paired); ``figures`` maps dataset → relative PNG path."""
+    lines = [
+        "# Results",
+        "",
+        "<!-- generated by `python -m onebit.report`; edit the runs, not this file -->",
+        "",
+        f"Generated from {len(runs)} run folder(s)" + (f" under {', '.join(f'`{s}`' for s in sources)}" if sources else "")
+        + ". Test error = 100 % − test accuracy on the dataset's test split; the float twin is the run",
+        "of the same architecture in full precision on the same data; gap = error − twin's error (percentage points).",
+        "Wall time: `result.json`'s seconds (or the sum of per-epoch seconds in `metrics.jsonl` for resumed runs).",
+        "",
+        "| # | run | recipe / model | dataset | epochs | wall time | test error | float twin error | gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, run in enumerate(runs, 1):
+        twin_err = run.twin.error if run.twin else None
+        gap = f"{run.error - twin_err:+.2f} pp" if run.error is not None and twin_err is not None else "—"
+        twin = f"{_fmt_err(twin_err)} ({run.twin.name})" if run.twin else ("(float)" if run.is_float else "—")
+        flag = " (interrupted)" if run.result.get("interrupted") else ""
+        lines.append(
+            f"| {i} | {run.name}{flag} | {_label(run)} | {run.dataset} | {run.epochs} | {_fmt_time(run.seconds)} "
+            f"| {_fmt_err(run.error)} | {twin} | {gap} |"
+        )
+    lines += ["", "## Commands", "", "Each row's run, reproduced exactly (`--out` as it was recorded):", ""]
+    for i, run in enumerate(runs, 1):
+        command = train_command(run.config) if run.config.get("model") else "(no config.json or checkpoint in the run folder)"
+        lines += [f"{i}. **{run.name}**", "", "   ```bash", f"   {command}", "   ```", ""]
+
+    lines += ["## Compared with the papers", "",
+              "| setting | published error | source | ours | our run |", "|---|---|---|---|---|"]
+    for entry in PAPER_RESULTS:
+        matches = sorted((r for r in runs if _matches_paper(r, entry)), key=lambda r: r.error)
+        if matches:
+            best = matches[0]
+            ours, which = _fmt_err(best.error), f"{best.name} ({best.epochs} epochs)"
+        else:
+            ours, which = "—", "no matching run"
+        lines.append(f"| {entry['setting']} | {entry['error']:.2f}% | {entry['source']} | {ours} | {which} |")
+    lines.append("")
+
+    if figures:
+        lines += ["## Training curves", ""]
+        for dataset, rel in sorted(figures.items()):
+            lines += [f"### {dataset}", "", f"![train and validation accuracy per epoch on {dataset}]({rel})", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike) -> Path:
+    """Train (dashed) and validation (solid) accuracy per epoch of every run on ``dataset``, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    try:
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, run in enumerate(r for r in runs if r.dataset == dataset and r.history):
+            color = colors[i % len(colors)]
+            epochs = [row["epoch"] for row in run.history]
+            label = f"{run.name} ({run.model})"
+            if any("val_accuracy" in row for row in run.history):
+                ax.plot(epochs, [row.get("val_accuracy", math.nan) for row in run.history], "-", color=color,
+                        label=f"{label} val")
+            ax.plot(epochs, [row.get("train_accuracy", math.nan) for row in run.history], "--", color=color,
+                    label=f"{label} train")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{dataset}: train (dashed) and validation (solid) accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="lower right")
+        fig.tight_layout()
+        path = Path(path)
+        with atomic_write(path) as handle:
+            fig.savefig(handle, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def build_report(
+    runs_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out_md: str | os.PathLike,
+    figures_dir: str | os.PathLike | None = None,
+) -> list[Run]:
+    """Read every run under ``runs_dirs`` and write the markdown report ``out_md`` and one curve PNG
+    per dataset into ``figures_dir`` (default: ``figures/`` beside ``out_md``). Returns the runs."""
+    if isinstance(runs_dirs, (str, os.PathLike)):
+        runs_dirs = [runs_dirs]
+    runs = find_runs(runs_dirs)
+    if not runs:
+        raise OnebitError(f"no run folders (with result.json) under {', '.join(map(str, runs_dirs))}")
+    _pair_twins(runs)
+    out_md = Path(out_md)
+    figures_dir = Path(figures_dir) if figures_dir is not None else out_md.parent / "figures"
+    figures: dict[str, str] = {}
+    for dataset in sorted({r.dataset for r in runs if r.history}):
+        png = plot_curves(runs, dataset, figures_dir / f"curves_{dataset}.png")
+        figures[dataset] = os.path.relpath(png, out_md.parent).replace(os.sep, "/")
+    text = render_markdown(runs, figures, [str(d) for d in runs_dirs])
+    with atomic_write(out_md, "w") as handle:
+        handle.write(text)
+    return runs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The report command's arguments (for ``onebit report`` and ``python -m onebit.report``)."""
+    parser.add_argument("runs_dirs", nargs="+", metavar="RUNS_DIR", help="run folders, or folders holding run folders")
+    parser.add_argument("-o", "--out", default="docs/results.md", help="markdown file to write (default docs/results.md)")
+    parser.add_argument("--figures", help="folder for the curve PNGs (default: figures/ beside --out)")
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the report for parsed ``args`` (see :func:`add_arguments`)."""
+    runs = build_report(args.runs_dirs, args.out, args.figures)
+    print(f"{len(runs)} runs -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m onebit.report", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except OnebitError as exc:
+        print(f"onebit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

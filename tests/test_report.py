@@ -1,0 +1,134 @@
+import dataclasses
+import json
+import shlex
+
+import pytest
+
+from onebit import report
+from onebit.errors import OnebitError
+from onebit.recipes import recipe_config
+from onebit.train import TrainConfig, load_checkpoint, train
+
+
+def tiny(out, model="binarynet_mlp", epochs=2, **kwargs):
+    return TrainConfig(model=model, dataset="digits", model_kwargs={"hidden": 32, "depth": 1}, epochs=epochs,
+                       batch_size=64, lr=1e-2, out=str(out), progress=False, threads=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real digits runs (binary and its float twin) plus hand-written run folders."""
+    root = tmp_path_factory.mktemp("runs")
+    train(tiny(root / "bnn_digits", lr_scaling=True, loss="square_hinge", scheduler="exponential", lr_end=1e-3))
+    train(tiny(root / "float_digits", model="float_mlp"))
+    # a run with config.json and no checkpoint, matching the paper's BinaryNet MNIST setting
+    fake = root / "nested" / "bnn_mnist"
+    fake.mkdir(parents=True)
+    config = dataclasses.asdict(recipe_config("binarynet_mnist", epochs=3, out="runs/bnn_mnist"))
+    (fake / "config.json").write_text(json.dumps(config))
+    (fake / "result.json").write_text(json.dumps(
+        {"model": "binarynet_mlp", "dataset": "mnist", "epochs": 3, "seconds": 4000.0, "test_accuracy": 0.985,
+         "test_loss": 0.1, "interrupted": False}))
+    (fake / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "train_loss": 1 / e, "train_accuracy": 0.9 + e / 100, "lr": 1e-3, "seconds": 1000.0,
+                    "val_loss": 1 / e, "val_accuracy": 0.95 + e / 100}) + "\n" for e in (1, 2, 3)))
+    # a bare run: result.json only
+    bare = root / "bare"
+    bare.mkdir()
+    (bare / "result.json").write_text(json.dumps(
+        {"model": "xnor_cnn", "dataset": "cifar10", "epochs": 1, "seconds": 10.0, "test_accuracy": 0.5,
+         "test_loss": 1.0}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("docs") / "results.md"
+    found = report.build_report([runs], out)
+    return out, found
+
+
+def test_reads_every_run(built):
+    _, found = built
+    assert sorted(r.name for r in found) == ["bare", "bnn_digits", "bnn_mnist", "float_digits"]
+    by_name = {r.name: r for r in found}
+    assert len(by_name["bnn_digits"].history) == 2
+    assert by_name["bnn_digits"].config["loss"] == "square_hinge"  # from last.pt
+    assert by_name["bnn_mnist"].recipe == "binarynet_mnist"  # inferred from config.json
+    assert by_name["bare"].config == {}
+
+
+def test_pairs_binary_runs_with_their_float_twin(built):
+    out, found = built
+    by_name = {r.name: r for r in found}
+    bnn, flt = by_name["bnn_digits"], by_name["float_digits"]
+    assert bnn.twin is flt
+    assert by_name["bnn_mnist"].twin is None and by_name["bare"].twin is None
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if "| bnn_digits |" in line)
+    assert f"{bnn.error:.2f}%" in row and f"{flt.error:.2f}%" in row
+    assert f"{bnn.error - flt.error:+.2f} pp" in row
+
+
+def test_markdown_has_tables_commands_and_paper_comparison(built):
+    out, _ = built
+    text = out.read_text()
+    assert text.startswith("# Results")
+    assert "| # | run | recipe / model | dataset | epochs | wall time | test error | float twin error | gap |" in text
+    assert "onebit train binarynet_mlp --dataset digits" in text
+    assert "no config.json or checkpoint" in text  # the bare run
+    paper = next(line for line in text.splitlines() if line.startswith("| BinaryNet MLP 3×4096, MNIST"))
+    assert "0.96%" in paper and "1.50%" in paper and "bnn_mnist (3 epochs)" in paper
+    cifar = next(line for line in text.splitlines() if line.startswith("| BinaryNet ConvNet, CIFAR-10"))
+    assert "no matching run" in cifar  # the bare xnor_cnn run is not BinaryNet
+    assert "66.7 min" in text  # 4000 s
+
+
+def test_curve_figures(built):
+    out, _ = built
+    for dataset in ("digits", "mnist"):
+        png = out.parent / "figures" / f"curves_{dataset}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(figures/curves_{dataset}.png)" in out.read_text()
+    assert not (out.parent / "figures" / "curves_cifar10.png").exists()  # the bare run has no metrics
+
+
+def test_command_reproduces_the_run(runs, tmp_path):
+    """The report's command, run through the CLI, trains with exactly the recorded configuration."""
+    from onebit.cli import main
+
+    original = load_checkpoint(runs / "bnn_digits" / "last.pt")["config"]
+    command = report.train_command(original)
+    argv = shlex.split(command)[1:]
+    at = argv.index("--out")
+    argv[at + 1] = str(tmp_path / "again")
+    assert main(argv + ["--quiet", "--threads", "1"]) == 0
+    again = load_checkpoint(tmp_path / "again" / "last.pt")["config"]
+    ignore = {"out", "threads", "progress", "resume"}
+    assert {k: v for k, v in again.items() if k not in ignore} == {k: v for k, v in original.items() if k not in ignore}
+
+
+def test_command_quotes_model_arguments():
+    config = dataclasses.asdict(recipe_config("dorefa_svhn", out="runs/d"))
+    command = report.train_command(config)
+    assert "-m \"input_quantizer_args={'bits': 2}\"" in command
+    assert "-m weight_clip=None" in command and "-m 'channels=[64, 128, 256]'" in command
+    assert "--lr 0.001 --lr-end 0.00025 --optimizer adam" in command and "--batch-size 128" in command and "--lr-scaling" not in command
+    import ast
+
+    tokens = shlex.split(command)
+    margs = dict(tokens[i + 1].split("=", 1) for i, t in enumerate(tokens) if t == "-m")
+    assert ast.literal_eval(margs["input_quantizer_args"]) == {"bits": 2}
+    assert margs["weight_quantizer"] == "kbit"
+
+
+def test_main_and_errors(runs, tmp_path, capsys):
+    assert report.main([str(runs / "bnn_digits"), "-o", str(tmp_path / "r.md")]) == 0
+    assert "| bnn_digits |" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "figures" / "curves_digits.png").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OnebitError, match="no run folders"):
+        report.build_report([empty], tmp_path / "x.md")
+    assert report.main([str(tmp_path / "missing"), "-o", str(tmp_path / "y.md")]) == 2
+    assert "does not exist" in capsys.readouterr().err
