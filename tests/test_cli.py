@@ -72,3 +72,79 @@ def test_corrupted_checkpoint_cli(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "bad.pt" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits_run")
+    assert main(["train", "binarynet_mlp", "--dataset", "digits", "-m", "hidden=128", "--epochs", "2",
+                 "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def test_export_then_run_matches_pytorch_eval(trained_digits, tmp_path, capsys):
+    import numpy as np
+
+    model_file = tmp_path / "digits.onebit"
+    assert main(["export", str(trained_digits / "best.pt"), "-o", str(model_file)]) == 0
+    assert "smaller than the float32 weights" in capsys.readouterr().out
+    assert main(["eval", str(trained_digits / "best.pt"), "--json"]) == 0
+    torch_accuracy = json.loads(capsys.readouterr().out)["accuracy"]
+    for kernel in ("numpy", None):
+        assert main(["run", str(model_file), "-d", "digits", "--json", *(["--kernel", kernel] if kernel else [])]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["accuracy"] == torch_accuracy  # BinaryNet is bit-exact: the same predictions
+        assert result["samples"] == 359
+
+    x = np.random.default_rng(0).uniform(-1, 1, size=(5, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(model_file), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "logits.npy")]) == 0
+    logits = np.load(tmp_path / "logits.npy")
+    assert logits.shape == (5, 10)
+    assert main(["run", str(model_file), "--input", str(tmp_path / "x.npy")]) == 0
+    assert capsys.readouterr().out.split()[-5:] == [str(v) for v in logits.argmax(axis=1)]
+
+
+def test_export_onnx_runs_in_onnxruntime(trained_digits, tmp_path, capsys):
+    import numpy as np
+
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from onebit.train import load_checkpoint, model_from_checkpoint
+
+    onnx_file = tmp_path / "digits.onnx"
+    assert main(["export", str(trained_digits / "best.pt"), "--format", "onnx", "-o", str(onnx_file)]) == 0
+    x = np.random.default_rng(1).uniform(-1, 1, size=(7, 1, 8, 8)).astype(np.float32)
+    got = ort.InferenceSession(str(onnx_file)).run(None, {"input": x})[0]
+    with torch.inference_mode():
+        want = model_from_checkpoint(load_checkpoint(trained_digits / "best.pt"))(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_run_user_errors(trained_digits, tmp_path):
+    import numpy as np
+
+    model_file = tmp_path / "m.onebit"
+    assert main(["export", str(trained_digits / "best.pt"), "-o", str(model_file)]) == 0
+    truncated = tmp_path / "truncated.onebit"
+    truncated.write_bytes(model_file.read_bytes()[:-100])
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 1, 28, 28), dtype=np.float32))
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    cases = [
+        (["export", str(tmp_path / "missing.pt")], "does not exist"),
+        (["run", str(tmp_path / "missing.onebit"), "-d", "digits"], "missing.onebit"),
+        (["run", str(truncated), "-d", "digits"], "truncated.onebit"),
+        (["run", str(model_file)], "--dataset"),
+        (["run", str(model_file), "-d", "digits", "--kernel", "gpu9000"], "gpu9000"),
+        (["run", str(model_file), "--input", str(tmp_path / "wrong.npy")], "shape"),
+        (["run", str(model_file), "--input", str(tmp_path / "junk.npy")], "junk.npy"),
+        (["run", str(model_file), "-d", "fashion_mnist", "--data-dir", str(tmp_path)], "fashion"),
+    ]
+    for args, expected in cases:
+        result = subprocess.run([sys.executable, "-m", "onebit", *args], capture_output=True, text=True,
+                                timeout=300, env={**__import__("os").environ, "ONEBIT_OFFLINE": "1"})
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onebit: error:") and expected in lines[0], (args, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.npy", "m.onebit", "truncated.onebit", "wrong.npy"]

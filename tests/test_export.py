@@ -18,6 +18,7 @@ import onebit
 from onebit.engine import kernels, load
 from onebit.engine import format as fmt
 from onebit.errors import CheckpointError, FormatError, OnebitError, ShapeError
+from onebit.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from onebit.export import ExportError, derive_thresholds, export_checkpoint, export_model, export_onnx
 from onebit.layers import QuantAct, QuantConv2d, QuantLinear
 from onebit.models import create_model
@@ -374,8 +375,9 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     kwargs = {"in_shape": [1, 28, 28], "num_classes": 10, "hidden": 64, "depth": 2}
     model = randomize_bn(create_model("binarynet_mlp", **kwargs), (1, 28, 28))
-    torch.save({"model_name": "binarynet_mlp", "model_kwargs": kwargs, "model_state": model.state_dict(),
-                "epoch": 3}, tmp_path / "best.pt")
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": {}}
+    torch.save({**header, "model_name": "binarynet_mlp", "model_kwargs": kwargs,
+                "model_state": model.state_dict(), "epoch": 3}, tmp_path / "best.pt")
     meta = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onebit")
     assert meta["source_model"] == {"name": "binarynet_mlp", "kwargs": kwargs}
     x = grid_input(16, (1, 28, 28), seed=2)
@@ -384,7 +386,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert_logits_close(engine.predict(x.numpy()), logits)
     np.testing.assert_array_equal(engine.classify(x.numpy()), logits.argmax(1))
 
-    torch.save({"model_name": "binarynet_mlp", "model_kwargs": kwargs}, tmp_path / "partial.pt")
+    torch.save({**header, "model_name": "binarynet_mlp", "model_kwargs": kwargs}, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match="model_state"):
         export_checkpoint(tmp_path / "partial.pt", tmp_path / "x.onebit")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def _key_value(text: str) -> tuple[str, object]:
     except (ValueError, SyntaxError):
         value = raw
     return key.strip().replace("-", "_"), value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _model_kwargs(pairs: list[tuple[str, object]] | None) -> dict:
@@ -119,6 +130,88 @@ def cmd_summary(args: argparse.Namespace) -> int:
         kwargs = {"in_shape": tuple(info["input_shape"]), "num_classes": info["num_classes"], **kwargs}
     summary = summarize(create_model(args.model, **kwargs))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.table())
+    return 0
+
+
+def _float_state_bytes(state: dict) -> int:
+    return sum(t.numel() * 4 for t in state["model_state"].values() if t.is_floating_point())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, export_onnx
+    from .train import load_checkpoint, model_from_checkpoint
+
+    out = Path(args.output or Path(args.checkpoint).with_suffix(f".{args.format}"))
+    state = load_checkpoint(args.checkpoint)
+    if args.format == "onnx":
+        export_onnx(model_from_checkpoint(state), out)
+        print(f"{out}: ONNX graph of the float simulation of {state['model_name']}, {out.stat().st_size:,} bytes")
+        return 0
+    export_checkpoint(args.checkpoint, out)
+    size, float_size = out.stat().st_size, _float_state_bytes(state)
+    print(f"{out}: {size:,} bytes, {float_size / size:.1f}x smaller than the float32 weights "
+          f"({float_size:,} bytes); run it with `onebit run {out} --dataset DATASET`")
+    return 0
+
+
+def _engine_inputs(images, max_value: int):
+    """The training pipeline's [-1, 1] scaling (onebit.data.to_float) in numpy, same float32 rounding."""
+    import numpy as np
+
+    return images.astype(np.float32) / np.float32(max_value) * np.float32(2.0) - np.float32(1.0)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from .engine import FormatError, kernels, load
+
+    if args.kernel:
+        kernels.set_path(args.kernel)
+    if (args.dataset is None) == (args.input is None):
+        raise OnebitError("give either --dataset NAME (accuracy) or --input FILE.npy (predictions)")
+    try:
+        model = load(args.model_file, threads=args.threads)
+    except FormatError as exc:
+        raise exc if args.model_file in str(exc) else FormatError(f"{args.model_file}: {exc}") from None
+    if args.input is not None:
+        try:
+            x = np.load(args.input, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise OnebitError(f"cannot read {args.input} as a .npy array: {str(exc).splitlines()[0]}") from None
+        logits = model.predict(x)
+        if args.output:
+            from .files import atomic_write
+
+            with atomic_write(args.output) as handle:
+                np.save(handle, logits)
+            print(f"logits {logits.shape} written to {args.output}")
+        else:
+            print(" ".join(map(str, logits.argmax(axis=1))))
+        return 0
+
+    from .data import load_dataset
+
+    data = load_dataset(args.dataset, args.split, data_dir=args.data_dir)
+    if tuple(data.images.shape[1:]) != model.input_shape:
+        raise OnebitError(f"dataset {args.dataset} has inputs {tuple(data.images.shape[1:])}, "
+                          f"model expects {model.input_shape}")
+    correct, start = 0, time.perf_counter()
+    for first in range(0, len(data.labels), args.batch_size):
+        batch = slice(first, first + args.batch_size)
+        correct += int((model.classify(_engine_inputs(data.images[batch], data.max_value)) == data.labels[batch]).sum())
+    seconds = time.perf_counter() - start
+    result = {"model": str(args.model_file), "dataset": args.dataset, "split": args.split,
+              "samples": len(data.labels), "accuracy": correct / len(data.labels), "seconds": seconds,
+              "samples_per_second": len(data.labels) / seconds, "kernel": kernels.current_path()}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.model_file} on {args.dataset} ({args.split}, {result['samples']} samples): accuracy "
+          f"{100 * result['accuracy']:.2f}%, {result['samples_per_second']:,.0f} samples/s "
+          f"(kernel {result['kernel']}, batch {args.batch_size})")
     return 0
 
 
@@ -225,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true")
     summary.set_defaults(func=cmd_summary)
 
+    export = commands.add_parser("export", help="write a checkpoint as a bit-packed .onebit file (or ONNX)")
+    export.add_argument("checkpoint", help="a checkpoint written by `onebit train` (best.pt, last.pt)")
+    export.add_argument("--output", "-o", help="output file (default: the checkpoint's name with .onebit/.onnx)")
+    export.add_argument("--format", "-f", choices=["onebit", "onnx"], default="onebit",
+                        help="onebit: the engine's file (default); onnx: the float simulation, standard ops")
+    export.set_defaults(func=cmd_export)
+
+    run = commands.add_parser("run", help="run a .onebit file with the native engine (accuracy or predictions)")
+    run.add_argument("model_file", help="a file written by `onebit export`")
+    run.add_argument("--dataset", "-d", help="measure accuracy on this dataset (see `onebit datasets`)")
+    run.add_argument("--data-dir")
+    run.add_argument("--split", default="test", choices=["train", "test"])
+    run.add_argument("--input", "-i", help="a .npy float32 array [N, *input_shape] to classify instead")
+    run.add_argument("--output", "-o", help="with --input: write the logits here (.npy) instead of printing labels")
+    run.add_argument("--batch-size", type=_positive_int, default=1000)
+    run.add_argument("--threads", type=_positive_int, help="threads per kernel call (default: all cores)")
+    run.add_argument("--kernel", help="kernel path: avx512, avx2, portable or numpy (default: fastest available)")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=cmd_run)
+
     recipes = commands.add_parser("recipes", help="list the training recipes, or print one with its sources")
     recipes.add_argument("name", nargs="?", help="recipe to print")
     recipes.set_defaults(func=cmd_recipes)
@@ -259,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onebit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

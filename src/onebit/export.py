@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .engine.format import read_model, words, write_model
-from .errors import CheckpointError, OnebitError
+from .errors import OnebitError
 from .files import atomic_write
 from .layers import QuantAct, QuantConv2d, QuantLinear
 from .quantizers import (
@@ -520,36 +520,18 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, source: dict | No
 
 # --------------------------------------------------------------------------- checkpoints
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> dict:
-    """Export a training checkpoint (``model_name``, ``model_kwargs``, ``model_state``) to ``.onebit``.
+    """Export a training checkpoint (see :func:`onebit.train.load_checkpoint`) to ``.onebit``.
 
-    The checkpoint is read with ``torch.load(weights_only=True)``; the model is rebuilt from
-    the registry and its state loaded. Returns the written metadata.
+    The checkpoint is read with ``torch.load(weights_only=True)`` and the model rebuilt from
+    the registry with the checkpoint's weights. Returns the written metadata.
     """
-    from .models import create_model
+    from .train import load_checkpoint, model_from_checkpoint
 
-    try:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {checkpoint_path} does not exist") from None
-    except Exception as exc:  # torch raises many types for a corrupt or hostile file
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {checkpoint_path}: {reason[:200]}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{checkpoint_path} is not an onebit checkpoint")
-    for key in ("model_name", "model_kwargs", "model_state"):
-        if key not in state:
-            raise CheckpointError(f"checkpoint {checkpoint_path} lacks {key!r}")
-    name, kwargs = state["model_name"], dict(state["model_kwargs"])
-    if "in_shape" in kwargs:
-        kwargs["in_shape"] = tuple(kwargs["in_shape"])
-    model = create_model(name, **kwargs)
-    try:
-        model.load_state_dict(state["model_state"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"checkpoint weights do not fit model {name}: {first[:200]}") from None
-    model.eval()
-    source = {"name": name, "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    state = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(state)
+    kwargs = state["model_kwargs"]
+    source = {"name": state["model_name"],
+              "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
     return export_model(model, out_path, source=source)
 
 
