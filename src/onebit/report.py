@@ -60,9 +60,9 @@ PAPER_RESULTS: list[dict[str, Any]] = [
     {"setting": "BinaryNet ConvNet, SVHN", "model": "binarynet_cnn", "dataset": "svhn", "loss": None,
      "error": 2.80, "source": "Courbariaux et al. 2016 (arXiv:1602.02830), Table 1, Theano"},
     {"setting": "BinaryNet MLP, MNIST, square hinge loss", "model": "binarynet_mlp", "dataset": "mnist",
-     "loss": "square_hinge", "error": 1.06, "source": "hinge vs cross-entropy comparison (citation to be added)"},
+     "loss": "square_hinge", "error": 1.06, "source": "as quoted in onebit issue 5; primary source not verified"},
     {"setting": "BinaryNet MLP, MNIST, cross-entropy loss", "model": "binarynet_mlp", "dataset": "mnist",
-     "loss": "cross_entropy", "error": 1.02, "source": "hinge vs cross-entropy comparison (citation to be added)"},
+     "loss": "cross_entropy", "error": 1.02, "source": "as quoted in onebit issue 5; primary source not verified"},
 ]
 
 _QUANTIZER_OVERRIDES = ("weight_quantizer", "input_quantizer", "weight_quantizer_args", "input_quantizer_args")
