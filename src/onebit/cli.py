@@ -42,8 +42,27 @@ def _model_kwargs(pairs: list[tuple[str, object]] | None) -> dict:
 
 
 # --------------------------------------------------------------------------- commands
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The ``train`` arguments of ``argv`` minus ``--nproc N``: what each torchrun worker gets."""
+    rest = argv[argv.index("train") + 1 :]
+    kept, skip = [], False
+    for arg in rest:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
+
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))
 
     # options left unset are None, so that a recipe (or TrainConfig's defaults) supplies them
     settings = dict(
@@ -65,6 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=args.out,
         resume=args.resume,
         progress=not args.quiet,
+        device=args.device,
+        sync_bn=args.sync_bn,
+        amp=args.amp,
     )
     model_kwargs = _model_kwargs(args.model_arg)
     if args.recipe:
@@ -81,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              **{k: v for k, v in settings.items() if v is not None})
     args.model, args.dataset = config.model, config.dataset
     result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the job
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted: state saved to {result.out / 'last.pt'}; continue with the same command plus --resume")
         return 130
@@ -300,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", "-o", help="output folder for checkpoints and metrics (default runs/onebit, runs/RECIPE)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available")
+    train.add_argument("--amp", action="store_true", default=None,
+                       help="bfloat16 autocast on CUDA (latent weights stay float32)")
+    train.add_argument("--nproc", type=_positive_int,
+                       help="data-parallel processes on this machine (runs torchrun; batch size is per process)")
+    train.add_argument("--sync-bn", action="store_true", default=None,
+                       help="with several processes: batch norm over the global batch")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="accuracy, loss and confusion matrix of a checkpoint")
@@ -364,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except OnebitError as exc:

@@ -13,6 +13,13 @@ Each epoch writes ``last.pt`` (and ``best.pt`` when validation improves) atomica
 state (dropout, stochastic binarization) is stored in the checkpoint. Ctrl-C saves the state
 reached mid-epoch, including how many batches of the epoch were done, and resuming skips them.
 
+Under ``torchrun`` (see :mod:`onebit.distributed`) the same function trains data-parallel:
+``batch_size`` per process, gradients averaged by DDP, optional global batch norm
+(``sync_bn``), files and output from rank 0 only. A checkpoint resumes with any number of
+processes; resuming mid-epoch with a different number skips the same number of samples
+(not the same samples). With several processes the dropout/stochastic-sign random stream is
+reseeded from (seed, epoch, rank) at each epoch start, so exact resumption holds at epoch ends.
+
 Metrics go to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard events in ``out``.
 """
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch import nn
 
 from . import __version__
 from .data import Augment, BatchLoader, DATASETS, load_dataset, split_validation
+from .distributed import DistContext, setup, sync_batch_norm
 from .errors import CheckpointError, OnebitError
 from .files import atomic_write
 from .layers import clip_latent_weights
@@ -67,6 +75,9 @@ class TrainConfig:
     out: str = "runs/onebit"
     resume: bool = False
     progress: bool = True
+    device: str = "auto"
+    sync_bn: bool = False
+    amp: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -77,6 +88,8 @@ class TrainConfig:
             raise OnebitError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise OnebitError(f"learning rate must be a positive number, got {self.lr}")
+        if self.amp and self.device == "cpu":
+            raise OnebitError("mixed precision (amp) is for CUDA devices; drop --amp or use --device cuda")
 
 
 @dataclass
@@ -176,11 +189,13 @@ def evaluate(model: nn.Module, loader, loss_fn, num_classes: int) -> dict:
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     total_loss, count = 0.0, 0
+    device = next(model.parameters()).device
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         total_loss += float(loss_fn(logits, y)) * len(y)
         count += len(y)
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2).view(
+        confusion += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes**2).view(
             num_classes, num_classes
         )
     if count == 0:
@@ -215,12 +230,33 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def _check_finite_weights(model: nn.Module, epoch: int, out: Path) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise OnebitError(f"weights became NaN/Inf at epoch {epoch} ({bad[0]}); last good checkpoint: {out / 'last.pt'}")
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.dataset``; see the module docstring."""
+    context = setup(config.device)
+    try:
+        return _train(config, context)
+    finally:
+        context.close()
+
+
+def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    main = context.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = context.device
 
     resume_state = load_checkpoint(out / "last.pt") if config.resume else None
     if resume_state is not None:
@@ -238,13 +274,22 @@ def train(config: TrainConfig) -> TrainResult:
 
     model_kwargs = model_kwargs_for(config)
     model = create_model(config.model, **model_kwargs)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model_state"])
+    if config.sync_bn and context.distributed:
+        model = sync_batch_norm(model, device)
+    model.to(device)
+    # DDP averages gradients; the optimizer, the clipping and Bop then act on identical
+    # values on every rank, which the per-epoch checksum below verifies
+    trained = nn.parallel.DistributedDataParallel(model) if context.distributed else model
     num_classes = model_kwargs["num_classes"]
     loss_fn = get_loss(config.loss)
     optimizer = build_optimizer(
         model, config.optimizer, config.lr, weight_decay=config.weight_decay, lr_scaling=config.lr_scaling
     )
     augment = Augment(crop_padding=4 if full_train.images.shape[-1] >= 28 else 1, flip=False) if config.augment else None
-    train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, augment=augment)
+    train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, augment=augment,
+                               rank=context.rank, world_size=context.world_size)
     eval_batch = max(config.batch_size, 256)
     val_loader = BatchLoader(val_set, eval_batch) if len(val_set) else None
     test_loader = BatchLoader(test_set, eval_batch)
@@ -254,12 +299,13 @@ def train(config: TrainConfig) -> TrainResult:
 
     start_epoch, skip_batches, history, best = 0, 0, [], -1.0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model_state"])
         optimizer.load_state_dict(resume_state["optimizer_state"])
         scheduler.load_state_dict(resume_state["scheduler_state"])
         torch.set_rng_state(resume_state["rng_state"])
         start_epoch = resume_state["epoch"]
-        skip_batches = resume_state["batches_done"]
+        # a checkpoint counts batches of its own world size; keep the number of samples seen
+        skip_batches = resume_state["batches_done"] * resume_state.get("world_size", 1) // context.world_size
+        scheduler.batch = skip_batches
         history = list(resume_state["history"])
         best = resume_state["best_accuracy"]
 
@@ -276,12 +322,15 @@ def train(config: TrainConfig) -> TrainResult:
             "rng_state": torch.get_rng_state(),
             "epoch": epoch,
             "batches_done": batches_done,
+            "world_size": context.world_size,
             "history": history,
             "best_accuracy": best,
             "config": dataclasses.asdict(config),
         }
 
-    log = MetricsLog(out, resume=resume_state is not None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
+    progress = config.progress and main
+    log = MetricsLog(out, resume=resume_state is not None) if main else None
     started = time.perf_counter()
     interrupted = False
     try:
@@ -290,14 +339,18 @@ def train(config: TrainConfig) -> TrainResult:
                 epoch_start = time.perf_counter()
                 model.train()
                 train_loader.set_epoch(epoch)
+                if context.distributed:
+                    torch.manual_seed(_epoch_seed(config.seed, epoch, context.rank))
                 running_loss, correct, seen = 0.0, 0, 0
-                bar = _progress(train_loader, len(train_loader), f"epoch {epoch + 1}/{config.epochs}", config.progress)
+                bar = _progress(train_loader, len(train_loader), f"epoch {epoch + 1}/{config.epochs}", progress)
                 for batch_index, (x, y) in enumerate(bar):
                     if batch_index < skip_batches:
                         continue
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
-                    logits = model(x)
-                    loss = loss_fn(logits, y)
+                    with autocast:
+                        logits = trained(x)
+                        loss = loss_fn(logits.float(), y)
                     if not torch.isfinite(loss):
                         raise OnebitError(
                             f"loss became {float(loss)} at epoch {epoch + 1}, batch {batch_index + 1}; "
@@ -311,8 +364,10 @@ def train(config: TrainConfig) -> TrainResult:
                     correct += int((logits.argmax(1) == y).sum())
                     seen += len(y)
                     bar.set_postfix(loss=f"{running_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-                    if interrupt.raised:
-                        save_checkpoint(out / "last.pt", state(epoch, batch_index + 1))
+                    # every rank must stop after the same batch, or the next all-reduce hangs
+                    if context.any_true(interrupt.raised):
+                        if main:
+                            save_checkpoint(out / "last.pt", state(epoch, batch_index + 1))
                         interrupted = True
                         break
                 bar.close()
@@ -320,6 +375,10 @@ def train(config: TrainConfig) -> TrainResult:
                     break
                 skip_batches = 0
                 scheduler.step_epoch()
+                _check_finite_weights(model, epoch + 1, out)
+                if not context.same_on_all_ranks(model):
+                    raise OnebitError(f"the processes' weights diverged at epoch {epoch + 1}; "
+                                      f"last good checkpoint: {out / 'last.pt'}")
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": running_loss / max(seen, 1),
@@ -332,16 +391,20 @@ def train(config: TrainConfig) -> TrainResult:
                     row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 score = row.get("val_accuracy", row["train_accuracy"])
                 history.append(row)
-                log.write(row)
-                if config.progress:
-                    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-                    print(shown, flush=True)
+                if main:
+                    log.write(row)
+                    if progress:
+                        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                        print(shown, flush=True)
                 if score > best:
                     best = score
-                    save_checkpoint(out / "best.pt", state(epoch + 1, 0))
-                save_checkpoint(out / "last.pt", state(epoch + 1, 0))
+                    if main:
+                        save_checkpoint(out / "best.pt", state(epoch + 1, 0))
+                if main:
+                    save_checkpoint(out / "last.pt", state(epoch + 1, 0))
     finally:
-        log.close()
+        if log is not None:
+            log.close()
 
     test = evaluate(model, test_loader, loss_fn, num_classes)
     result = TrainResult(
@@ -352,18 +415,20 @@ def train(config: TrainConfig) -> TrainResult:
         seconds=time.perf_counter() - started,
         interrupted=interrupted,
     )
-    with atomic_write(out / "result.json", "w") as handle:
-        json.dump(
-            {
-                "model": config.model,
-                "dataset": config.dataset,
-                "epochs": result.epochs_run,
-                "seconds": result.seconds,
-                "test_accuracy": test["accuracy"],
-                "test_loss": test["loss"],
-                "interrupted": interrupted,
-            },
-            handle,
-            indent=2,
-        )
+    if main:
+        with atomic_write(out / "result.json", "w") as handle:
+            json.dump(
+                {
+                    "model": config.model,
+                    "dataset": config.dataset,
+                    "epochs": result.epochs_run,
+                    "seconds": result.seconds,
+                    "test_accuracy": test["accuracy"],
+                    "test_loss": test["loss"],
+                    "interrupted": interrupted,
+                    "processes": context.world_size,
+                },
+                handle,
+                indent=2,
+            )
     return result
