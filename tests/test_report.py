@@ -132,3 +132,19 @@ def test_main_and_errors(runs, tmp_path, capsys):
         report.build_report([empty], tmp_path / "x.md")
     assert report.main([str(tmp_path / "missing"), "-o", str(tmp_path / "y.md")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_seed_groups_mean_and_std(tmp_path):
+    for seed in (0, 1):
+        train(tiny(tmp_path / f"ce_s{seed}", epochs=1, seed=seed))
+        train(tiny(tmp_path / f"hinge_s{seed}", epochs=1, seed=seed, loss="square_hinge"))
+    runs = report.find_runs([tmp_path])
+    groups = report.seed_groups(runs)
+    assert sorted(sorted(r.name for r in g) for g in groups) == [["ce_s0", "ce_s1"], ["hinge_s0", "hinge_s1"]]
+    text = report.render_markdown(runs, {})
+    assert "Repeated runs" in text and "loss=square_hinge" in text and "loss=cross_entropy" in text
+    ce = next(g for g in groups if g[0].name.startswith("ce"))
+    errors = [r.error for r in ce]
+    mean = sum(errors) / 2
+    std = abs(errors[0] - errors[1]) / 2 ** 0.5
+    assert f"{mean:.2f} ± {std:.2f}%" in text

@@ -46,6 +46,7 @@ __all__ = [
     "main",
     "plot_curves",
     "render_markdown",
+    "seed_groups",
     "run_from_args",
     "train_command",
 ]
@@ -358,6 +359,38 @@ def _matches_paper(run: Run, entry: dict) -> bool:
     return not any(k in (run.config.get("model_kwargs") or {}) for k in _QUANTIZER_OVERRIDES)
 
 
+#: settings that do not define an experiment: runs differing only in these are repeats
+_NOT_THE_EXPERIMENT = ("seed", "out", "resume", "progress", "threads", "data_dir", "device")
+
+
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs that share every training setting but the seed (and paths), in groups of two or more."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.config.get("model") and run.error is not None:
+            key = json.dumps({k: v for k, v in run.config.items() if k not in _NOT_THE_EXPERIMENT}, sort_keys=True)
+            groups.setdefault(key, []).append(run)
+    return [group for group in groups.values() if len({r.config.get("seed") for r in group}) >= 2]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _difference(run: Run, others: Sequence[Run]) -> str:
+    """How ``run``'s settings differ from the settings all ``others`` share, e.g. ``loss=cross_entropy``."""
+    def flat(config: dict) -> dict:
+        items = {k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT and k != "model_kwargs"}
+        items.update({f"-m {k}": v for k, v in (config.get("model_kwargs") or {}).items()})
+        return items
+
+    mine = flat(run.config)
+    theirs = [flat(o.config) for o in others]
+    differing = [k for k in sorted(mine) if any(t.get(k) != mine[k] for t in theirs)]
+    return ", ".join(f"{k}={mine[k]}" for k in differing) or "—"
+
+
 def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[str] = ()) -> str:
     """The report's markdown for ``runs`` (twins paired); ``figures`` maps dataset → relative PNG path."""
     lines = [
@@ -398,6 +431,20 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
             ours, which = "—", "no matching run"
         lines.append(f"| {entry['setting']} | {entry['error']:.2f}% | {entry['source']} | {ours} | {which} |")
     lines.append("")
+
+    groups = seed_groups(runs)
+    if groups:
+        lines += ["## Repeated runs (mean ± sample std over seeds)", "",
+                  "| setting | what differs from the other groups | dataset | epochs | seeds | test error | runs |",
+                  "|---|---|---|---|---|---|---|"]
+        for group in groups:
+            first = group[0]
+            others = [g[0] for g in groups if g is not group and g[0].dataset == first.dataset]
+            mean, std = _mean_std([r.error for r in group])
+            seeds = ", ".join(str(r.config.get("seed")) for r in group)
+            lines.append(f"| {_label(first)} | {_difference(first, others)} | {first.dataset} | {first.epochs} | "
+                         f"{seeds} | {mean:.2f} ± {std:.2f}% | {', '.join(r.name for r in group)} |")
+        lines.append("")
 
     if figures:
         lines += ["## Training curves", ""]
