@@ -20,7 +20,8 @@ processes; resuming mid-epoch with a different number skips the same number of s
 (not the same samples). With several processes the dropout/stochastic-sign random stream is
 reseeded from (seed, epoch, rank) at each epoch start, so exact resumption holds at epoch ends.
 
-Metrics go to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard events in ``out``.
+Metrics go to ``metrics.jsonl``, ``metrics.csv`` and TensorBoard events in ``out``; the settings
+to ``config.json`` and the final test figures to ``result.json``.
 """
 from __future__ import annotations
 
@@ -328,6 +329,9 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
             "config": dataclasses.asdict(config),
         }
 
+    if main:  # the run's settings in plain JSON, for onebit.report and for people
+        with atomic_write(out / "config.json", "w") as handle:
+            json.dump(dataclasses.asdict(config), handle, indent=2)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
     progress = config.progress and main
     log = MetricsLog(out, resume=resume_state is not None) if main else None
