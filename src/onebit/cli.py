@@ -272,6 +272,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import MODELS
 
@@ -382,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="markdown results table and curves from run folders")
     report_arguments(report).set_defaults(func=cmd_report)
+
+    from .bench import add_arguments as bench_arguments
+
+    bench = commands.add_parser("bench", help="engine vs PyTorch float32: GEMM, conv, end to end, file sizes")
+    bench_arguments(bench).set_defaults(func=cmd_bench)
 
     for name, func, what in (
         ("models", cmd_models, "list the models"),
