@@ -61,7 +61,7 @@ import numpy as np
 
 from . import __version__
 from .engine import kernels
-from .errors import ConfigError, OnebitError, UnknownNameError
+from .errors import ConfigError, UnknownNameError
 from .files import atomic_write
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the command line can build its parser without it
@@ -625,13 +625,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m onebit.bench", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except OnebitError as exc:
-        print(f"onebit: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m onebit.bench``: the same as ``onebit bench``."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -529,13 +529,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m onebit.report", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except OnebitError as exc:
-        print(f"onebit: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m onebit.report``: the same as ``onebit report``."""
+    from .cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

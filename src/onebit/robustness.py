@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .errors import ConfigError, OnebitError, ShapeError
+from .errors import ConfigError, ShapeError
 from .files import atomic_write
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the command line can build its parser without it
@@ -292,14 +292,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m onebit.robustness",
-                                                   description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except OnebitError as exc:
-        print(f"onebit: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m onebit.robustness``: the same as ``onebit robustness``."""
+    from .cli import main as cli_main
+
+    return cli_main(["robustness", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover
