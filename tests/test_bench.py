@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+
+from onebit.cli import main as cli_main
 import torch
 
 from onebit import bench
@@ -112,7 +114,7 @@ def test_bad_options(kwargs, error, words):
 
 
 def test_main_reports_bad_option_in_one_line(capsys):
-    assert bench.main(["--quick", "--cases", "nope"]) == 2
+    assert cli_main(["bench", "--quick", "--cases", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("onebit: error: unknown case 'nope'") and err.count("\n") == 1
 

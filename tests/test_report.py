@@ -4,6 +4,8 @@ import shlex
 
 import pytest
 
+from onebit.cli import main as cli_main
+
 from onebit import report
 from onebit.errors import OnebitError
 from onebit.recipes import recipe_config
@@ -123,14 +125,14 @@ def test_command_quotes_model_arguments():
 
 
 def test_main_and_errors(runs, tmp_path, capsys):
-    assert report.main([str(runs / "bnn_digits"), "-o", str(tmp_path / "r.md")]) == 0
+    assert cli_main(["report", str(runs / "bnn_digits"), "-o", str(tmp_path / "r.md")]) == 0
     assert "| bnn_digits |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "figures" / "curves_digits.png").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(OnebitError, match="no run folders"):
         report.build_report([empty], tmp_path / "x.md")
-    assert report.main([str(tmp_path / "missing"), "-o", str(tmp_path / "y.md")]) == 2
+    assert cli_main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "y.md")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

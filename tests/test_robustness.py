@@ -1,6 +1,8 @@
 import json
 
 import pytest
+
+from onebit.cli import main as cli_main
 import torch
 
 from onebit import robustness as rb
@@ -105,13 +107,13 @@ def test_json_table_and_plot(rows, checkpoints, tmp_path):
 def test_command_line(checkpoints, tmp_path, capsys):
     argv = [str(p) for p in checkpoints] + ["--sigma", "0", "0.3", "--epsilon", "0", "0.05", "--limit", "50",
                                             "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json")]
-    assert rb.main(argv) == 0
+    assert cli_main(["robustness", *argv]) == 0
     out = capsys.readouterr().out
     assert "digits test set, 50 samples" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["sigmas"] == [0.0, 0.3] and len(data["checkpoints"]) == len(checkpoints)
     assert (tmp_path / "p.png").is_file()
-    assert rb.main([str(checkpoints[0]), "--sigma", "-1"]) == 2
+    assert cli_main(["robustness", str(checkpoints[0]), "--sigma", "-1"]) == 2
     assert "sigma values must be" in capsys.readouterr().err
 
 

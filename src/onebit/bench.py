@@ -77,7 +77,6 @@ __all__ = [
     "add_arguments",
     "environment",
     "format_table",
-    "main",
     "median_time",
     "plot_speedups",
     "randomize_batchnorm",
@@ -622,14 +621,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         plot_speedups(result, args.plot)
         print(f"plot: {args.plot}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m onebit.bench``: the same as ``onebit bench``."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

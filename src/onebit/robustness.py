@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -43,7 +42,6 @@ __all__ = [
     "add_arguments",
     "fgsm",
     "format_table",
-    "main",
     "plot_robustness",
     "precision_of",
     "robustness",
@@ -289,14 +287,3 @@ def run_from_args(args: argparse.Namespace) -> int:
             json.dump(rows_to_json(rows), handle, indent=2)
         print(f"json: {args.json}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m onebit.robustness``: the same as ``onebit robustness``."""
-    from .cli import main as cli_main
-
-    return cli_main(["robustness", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
