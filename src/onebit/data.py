@@ -26,7 +26,9 @@ instead — magic numbers, declared dimensions against the real payload length, 
 image/label counts, gzip CRCs — and any problem is a one-line :class:`~onebit.errors.DataError`.
 
 CIFAR's pickles are read with an unpickler that resolves no globals except numpy's array
-reconstruction (``_reconstruct``, ``ndarray``, ``dtype``), so a hostile file cannot run code.
+reconstruction (``_reconstruct``, ``ndarray``, ``dtype``), and those to inert stand-ins, so a
+hostile file cannot run code, nor make numpy allocate a declared size; SVHN's ``.mat`` files are
+parsed by :func:`read_mat`, a strict reader of MATLAB level-5 files (see docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -39,13 +41,14 @@ import logging
 import math
 import os
 import pickle
+import struct
 import tarfile
 import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +68,7 @@ __all__ = [
     "dataset_info",
     "load_dataset",
     "read_idx",
+    "read_mat",
     "search_dirs",
     "split_validation",
     "to_float",
@@ -555,40 +559,136 @@ def _load_idx_dataset(name: str, split: str, data_dir, download: bool) -> ArrayD
 
 
 # --------------------------------------------------------------------------- CIFAR (python pickles)
-def _numpy_reconstruct():
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return _reconstruct
+#: dtypes an array in a CIFAR pickle may have (plain numbers; never objects, strings or records)
+_PICKLE_DTYPES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"})
+_PICKLE_MAX_DIMS = 32
+
+
+class _RefusedPickle(pickle.UnpicklingError):
+    pass
+
+
+class _NdarrayTag:
+    """What the pickle's ``numpy.ndarray`` resolves to: only an argument of ``_reconstruct``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise _RefusedPickle("refusing to call numpy.ndarray")
+
+
+class _DtypeStub:
+    """Stands in for ``numpy.dtype(spec, align, copy)`` and its ``__setstate__``; see :func:`_safe_unpickle`."""
+
+    spec: str | None = None
+    order: str = "|"
+
+    def __init__(self, spec: Any = None, align: Any = False, copy: Any = False) -> None:
+        if isinstance(spec, bytes):
+            spec = spec.decode("latin-1")
+        if not isinstance(spec, str) or spec not in _PICKLE_DTYPES:
+            raise _RefusedPickle(f"refusing array dtype {str(spec)[:20]!r} (plain numbers only)")
+        self.spec = spec
+
+    def __setstate__(self, state: Any) -> None:
+        # numpy: (version, byte order, subarray, names, fields, elsize, alignment, flags)
+        if not (isinstance(state, tuple) and 2 <= len(state) <= 9):
+            raise _RefusedPickle("malformed dtype state")
+        order = state[1].decode("latin-1") if isinstance(state[1], bytes) else state[1]
+        if order not in ("<", ">", "|", "=") or any(part is not None for part in state[2:5]):
+            raise _RefusedPickle("refusing a structured or sub-array dtype")
+        self.order = order
+
+    def numpy(self) -> np.dtype:
+        if self.spec is None:
+            raise _RefusedPickle("dtype without a type")
+        return np.dtype(("<" if self.order in ("|", "=") else self.order) + self.spec)
+
+
+class _ArrayStub:
+    """Stands in for ``_reconstruct(ndarray, ...)``; ``__setstate__`` only records the state.
+
+    The array is built afterwards by :meth:`numpy` from the recorded ``(version, shape, dtype,
+    fortran, raw bytes)``, after checking that the bytes are exactly what the shape needs.
+    """
+
+    state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def numpy(self) -> np.ndarray:
+        state = self.state
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise _RefusedPickle("malformed array state")
+        version, shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and len(shape) <= _PICKLE_MAX_DIMS
+                and all(type(d) is int and d >= 0 for d in shape)):
+            raise _RefusedPickle(f"malformed array shape {str(shape)[:60]}")
+        if not isinstance(dtype, _DtypeStub) or not isinstance(fortran, bool) or not isinstance(raw, bytes):
+            raise _RefusedPickle("malformed array state")
+        dt = dtype.numpy()
+        if math.prod(shape) * dt.itemsize != len(raw):
+            raise _RefusedPickle(f"array of shape {shape} and dtype {dt} needs {math.prod(shape) * dt.itemsize} bytes, "
+                                 f"the pickle holds {len(raw)}")
+        array = np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
+        return np.array(array, dtype=dt.newbyteorder("="), order="C")  # own, writable, native order
+
+
+def _reconstruct_stub(cls: Any, shape: Any = (0,), dtype: Any = b"b") -> _ArrayStub:
+    if cls is not _NdarrayTag:
+        raise _RefusedPickle("_reconstruct of something other than numpy.ndarray")
+    return _ArrayStub()
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Resolves no global except numpy's ndarray reconstruction, so no code in a pickle can run."""
+    """Resolves no global except numpy's ndarray reconstruction, so no code in a pickle can run.
+
+    Even those three names resolve to inert stand-ins (:class:`_ArrayStub`, :class:`_DtypeStub`):
+    numpy's own ``_reconstruct``/``__setstate__`` never see the untrusted state, so a declared
+    shape cannot allocate memory and a forged dtype state cannot corrupt numpy.
+    """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_stub,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_stub,
+        ("numpy", "ndarray"): _NdarrayTag,
+        ("numpy", "dtype"): _DtypeStub,
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
+        found = self._ALLOWED.get((module, name))
+        if found is None:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
-        return np.ndarray if name == "ndarray" else np.dtype
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing a persistent id")
+
+
+def _prescan_pickle(blob: bytes) -> None:
+    """Walk the opcodes without running them: every declared length must fit in the bytes left.
+
+    CPython's unpickler allocates a ``BINBYTES8``/``BINUNICODE8``/... argument from its
+    declared size before reading it (a 20-byte pickle can ask for terabytes); pickletools reads
+    what is there and checks the length afterwards.
+    """
+    import pickletools
+
+    for _ in pickletools.genops(io.BytesIO(blob)):
+        pass
 
 
 def _safe_unpickle(blob: bytes, source: str) -> dict:
     try:
+        _prescan_pickle(blob)
         obj = _ArrayOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        if not isinstance(obj, dict):
+            raise DataError(f"{source}: not a valid CIFAR pickle: top level is {type(obj).__name__}, not dict")
+        entries = {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+        return {k: v.numpy() if isinstance(v, _ArrayStub) else v for k, v in entries.items()}
+    except DataError:
+        raise
     except Exception as exc:  # UnpicklingError, EOFError, ValueError, TypeError... from hostile bytes
-        raise DataError(f"{source}: not a valid CIFAR pickle: {_one_line(exc, 160)}") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{source}: not a valid CIFAR pickle: top level is {type(obj).__name__}, not dict")
-    return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+        raise DataError(f"{source}: not a valid CIFAR pickle: {_one_line(exc, 160) or type(exc).__name__}") from None
 
 
 def _text_list(value: Any, source: str, key: str) -> list[str]:
@@ -612,6 +712,19 @@ def _cifar_batch(entries: dict, source: str, label_key: str, num_classes: int) -
     return np.ascontiguousarray(data).reshape(-1, 3, 32, 32), y
 
 
+#: the largest file a CIFAR archive may hold (CIFAR-100's train pickle is 155 MB)
+MAX_MEMBER_BYTES = 1 << 30
+
+
+def _read_member(handle: IO[bytes]) -> bytes:
+    """All of an archive member, read in chunks: memory grows with the bytes really there, not
+    with the size its header declares (``read()`` would allocate that up front)."""
+    chunks = []
+    while chunk := handle.read(_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _read_members(source: Path, folder: str, members: list[str]) -> dict[str, bytes]:
     """The named files of CIFAR's python layout, from the extracted folder or the ``.tar.gz``."""
     if source.is_dir():
@@ -632,8 +745,11 @@ def _read_members(source: Path, folder: str, members: list[str]) -> dict[str, by
                     continue
                 if not info.isfile():
                     raise DataError(f"{source}: {info.name} is not a regular file")
+                if info.size > MAX_MEMBER_BYTES:
+                    raise DataError(f"{source}: {info.name} declares {info.size} bytes, more than any CIFAR file "
+                                    f"({MAX_MEMBER_BYTES}); corrupted archive")
                 handle = tar.extractfile(info)
-                out[key] = handle.read() if handle is not None else b""
+                out[key] = _read_member(handle) if handle is not None else b""
                 if len(out) == len(members):
                     break
     except DataError:
@@ -678,6 +794,152 @@ def _load_cifar(name: str, split: str, data_dir, download: bool, label_key: str,
 
 
 # --------------------------------------------------------------------------- SVHN (.mat)
+# A strict reader of MATLAB's level-5 MAT-file (what SVHN ships), for plain numeric arrays only.
+# scipy.io.loadmat is not used: its compiled reader indexes a table with the element type read
+# from the file, so one flipped bit in a type field crashes the interpreter (segfault).
+_MAT_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+_MAT_CLASSES = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
+_MI_INT8, _MI_INT32, _MI_UINT32, _MI_MATRIX, _MI_COMPRESSED = 1, 5, 6, 14, 15
+_MAT_MAX_DIMS = 32
+
+
+class _MatTag:
+    __slots__ = ("type", "size", "start", "end")
+
+    def __init__(self, type_: int, size: int, start: int, end: int) -> None:
+        self.type, self.size, self.start, self.end = type_, size, start, end
+
+
+def _mat_tag(buf: bytes, pos: int, limit: int, order: str, where: str, pad: bool = True) -> _MatTag:
+    """The data element at ``buf[pos:limit]``: its type, size, data offset and the next element's offset."""
+    if limit - pos < 8:
+        raise DataError(f"{where}: truncated (an element tag needs 8 bytes, {max(limit - pos, 0)} left)")
+    first, second = struct.unpack_from(order + "II", buf, pos)
+    if first >> 16:  # "small data element": type and size in 4 bytes, up to 4 bytes of data after them
+        type_, size = first & 0xFFFF, first >> 16
+        if size > 4:
+            raise DataError(f"{where}: small data element of {size} bytes (at most 4)")
+        return _MatTag(type_, size, pos + 4, pos + 8)
+    start = pos + 8
+    if second > limit - start:
+        raise DataError(f"{where}: an element declares {second} bytes, only {limit - start} follow")
+    end = start + second + ((-second) % 8 if pad else 0)
+    return _MatTag(first, second, start, min(end, limit))
+
+
+def _mat_inflate(buf: bytes, tag: _MatTag, order: str, where: str) -> bytes:
+    """The element inside a ``miCOMPRESSED`` one; output grows only as real bytes are inflated."""
+    zstream = zlib.decompressobj()
+    data = memoryview(buf)[tag.start:tag.start + tag.size]
+    try:
+        head = zstream.decompress(data, 8)
+        if len(head) < 8:
+            raise DataError(f"{where}: truncated compressed variable")
+        first, second = struct.unpack(order + "II", head)
+        want = 8 if first >> 16 else 8 + second
+        parts = [head]
+        have = 8
+        while have < want:
+            part = zstream.decompress(zstream.unconsumed_tail, min(want - have, _CHUNK))
+            if not part:
+                break
+            parts.append(part)
+            have += len(part)
+        if have < want:
+            raise DataError(f"{where}: compressed variable holds {have} bytes, its header declares {want}")
+        if zstream.decompress(zstream.unconsumed_tail, 1) or not zstream.eof:
+            raise DataError(f"{where}: compressed variable has trailing or missing data")
+    except zlib.error as exc:
+        raise DataError(f"{where}: corrupted compressed variable: {_one_line(exc, 120)}") from None
+    return b"".join(parts)
+
+
+def _mat_matrix(buf: bytes, tag: _MatTag, order: str, where: str, wanted: set[str]) -> tuple[str, np.ndarray | None]:
+    """``(name, array)`` of a ``miMATRIX`` element; the array is None when ``name`` is not wanted."""
+    limit = tag.start + tag.size
+    flags = _mat_tag(buf, tag.start, limit, order, where)
+    if flags.type != _MI_UINT32 or flags.size != 8:
+        raise DataError(f"{where}: malformed array flags")
+    flag_word = struct.unpack_from(order + "I", buf, flags.start)[0]
+    dims = _mat_tag(buf, flags.end, limit, order, where)
+    if dims.type != _MI_INT32 or dims.size % 4 or not 2 <= dims.size // 4 <= _MAT_MAX_DIMS:
+        raise DataError(f"{where}: malformed array dimensions")
+    shape = struct.unpack_from(f"{order}{dims.size // 4}i", buf, dims.start)
+    if min(shape) < 0:
+        raise DataError(f"{where}: negative array dimension {min(shape)}")
+    name_tag = _mat_tag(buf, dims.end, limit, order, where)
+    if name_tag.type != _MI_INT8:
+        raise DataError(f"{where}: malformed array name")
+    try:
+        name = bytes(buf[name_tag.start:name_tag.start + name_tag.size]).decode("ascii")
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: array name is not ASCII") from None
+    if name not in wanted:
+        return name, None
+    cls = _MAT_CLASSES.get(flag_word & 0xFF)
+    if cls is None or flag_word & 0x0800:  # 0x0800: complex
+        raise DataError(f"{where}: variable {name!r} is not a real numeric array (class {flag_word & 0xFF})")
+    real = _mat_tag(buf, name_tag.end, limit, order, where)
+    code = _MAT_TYPES.get(real.type)
+    if code is None:
+        raise DataError(f"{where}: variable {name!r} has data of unknown type {real.type}")
+    stored = np.dtype(order + code)
+    count = math.prod(shape)
+    if count * stored.itemsize != real.size:
+        raise DataError(f"{where}: variable {name!r} of shape {list(shape)} needs {count * stored.itemsize} bytes "
+                        f"of {code}, holds {real.size}")
+    values = np.frombuffer(buf, dtype=stored, count=count, offset=real.start)
+    array = values.astype(np.dtype(cls), copy=True).reshape(shape, order="F")  # MATLAB is column-major
+    return name, array
+
+
+def read_mat(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The real numeric variables ``names`` of a MATLAB level-5 ``.mat`` file (compressed or not).
+
+    Checks the header, every element's declared size against the bytes that follow it, the
+    data type and size of each wanted variable against its dimensions, and zlib's checksum of
+    compressed variables; any problem is a one-line :class:`~onebit.errors.DataError`.
+    Variables not in ``names`` are skipped; missing ones are simply absent from the result.
+    """
+    path = Path(path)
+    try:
+        buf = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(buf) < 128:
+        raise DataError(f"{path}: truncated: {len(buf)} bytes, too short for a .mat header")
+    if buf[:4] == b"\x89HDF" or buf[512:516] == b"\x89HDF":
+        raise DataError(f"{path}: a MATLAB 7.3 (HDF5) file; save it with -v7 (or -v6)")
+    order = {b"IM": "<", b"MI": ">"}.get(buf[126:128])
+    if order is None or struct.unpack_from(order + "H", buf, 124)[0] != 0x0100:
+        raise DataError(f"{path}: not a MATLAB level-5 .mat file (bad header)")
+    wanted = set(names)
+    found: dict[str, np.ndarray] = {}
+    pos = 128
+    while pos < len(buf):
+        where = f"{path}: byte {pos}"
+        tag = _mat_tag(buf, pos, len(buf), order, where, pad=False)
+        pos = tag.start + tag.size
+        if tag.type == _MI_COMPRESSED:
+            inner = _mat_inflate(buf, tag, order, where)
+            tag = _mat_tag(inner, 0, len(inner), order, where, pad=False)
+            element = inner
+        else:
+            element = buf
+        if tag.type != _MI_MATRIX:
+            raise DataError(f"{where}: unexpected element type {tag.type} at the top level")
+        if tag.size == 0:
+            continue  # an empty variable
+        name, array = _mat_matrix(element, tag, order, where, wanted)
+        if array is not None:
+            if name in found:
+                raise DataError(f"{path}: variable {name!r} appears twice")
+            found[name] = array
+    return found
+
+
 def _load_svhn(split: str, data_dir, download: bool) -> ArrayDataset:
     _check_split("svhn", split)
     filename = f"{split}_32x32.mat"
@@ -686,19 +948,14 @@ def _load_svhn(split: str, data_dir, download: bool) -> ArrayDataset:
         return directory / filename if (directory / filename).is_file() else None
 
     path = _locate("svhn", split, data_dir, download, probe, filename)
-    import scipy.io
-
-    try:
-        mat = scipy.io.loadmat(path, variable_names=["X", "y"])
-    except Exception as exc:  # scipy raises many types (ValueError, MatReadError, zlib.error, ...) on bad bytes
-        raise DataError(f"{path}: cannot read the .mat file: {_one_line(exc, 160) or type(exc).__name__}") from None
+    mat = read_mat(path, ["X", "y"])
     x, y = mat.get("X"), mat.get("y")
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
         got = f"{getattr(x, 'dtype', None)} {getattr(x, 'shape', None)}"
         raise DataError(f"{path}: 'X' must be a uint8 array 32×32×3×N, got {got}")
     if not isinstance(y, np.ndarray) or y.size != x.shape[3] or not np.issubdtype(y.dtype, np.number):
         raise DataError(f"{path}: 'y' must hold {x.shape[3]} numeric labels")
-    labels = y.reshape(-1)
+    labels = y.reshape(-1, order="F")
     if labels.size and (not np.all(labels == np.round(labels)) or labels.min() < 0 or labels.max() > 10):
         raise DataError(f"{path}: labels must be integers in 1..10 (10 stands for digit 0)")
     labels = labels.astype(np.int64) % 10  # SVHN writes digit 0 as label 10

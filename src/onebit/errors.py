@@ -36,3 +36,14 @@ class FormatError(OnebitError):
 
 class ShapeError(OnebitError, ValueError):
     """An input has the wrong shape or dtype for the model or kernel it is given to."""
+
+
+class FileWriteError(OnebitError, OSError):
+    """A file could not be written (disk full, no permission, read-only file system...).
+
+    Both an :class:`OnebitError` (the CLI prints its one line and exits 2) and an
+    :class:`OSError` (``errno`` is kept, ``except OSError`` handlers still see it).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -42,7 +42,7 @@ from . import __version__
 from .data import Augment, BatchLoader, DATASETS, load_dataset, split_validation
 from .distributed import DistContext, setup, sync_batch_norm
 from .errors import CheckpointError, OnebitError
-from .files import atomic_write
+from .files import atomic_write, zip_integrity_error
 from .layers import clip_latent_weights
 from .losses import get_loss
 from .models import create_model
@@ -120,6 +120,9 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    problem = zip_integrity_error(path)  # torch.load does not check the zip CRCs
+    if problem is not None:
+        raise CheckpointError(f"cannot read checkpoint {path}: {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or hostile file
@@ -155,15 +158,32 @@ def model_from_checkpoint(state: dict) -> nn.Module:
 class MetricsLog:
     """Per-epoch metrics as JSON lines, CSV and TensorBoard scalars."""
 
-    def __init__(self, out: Path, resume: bool) -> None:
+    def __init__(self, out: Path, resume_epoch: int | None) -> None:
+        """``resume_epoch``: the epoch a resumed run continues after (None: a fresh run)."""
         self.jsonl = out / "metrics.jsonl"
         self.csv = out / "metrics.csv"
-        if not resume:
+        if resume_epoch is None:
             for path in (self.jsonl, self.csv):
                 path.unlink(missing_ok=True)
+        else:  # a kill between the metrics row and the checkpoint leaves rows the resumed run redoes
+            self._keep_epochs(resume_epoch)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def _keep_epochs(self, last: int) -> None:
+        if self.jsonl.exists():
+            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            with atomic_write(self.jsonl, "w") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) <= last)
+        if self.csv.exists():
+            with self.csv.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                fields, rows = reader.fieldnames, [r for r in reader if int(r.get("epoch") or 0) <= last]
+            with atomic_write(self.csv, "w") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields or [])
+                writer.writeheader()
+                writer.writerows(rows)
 
     def write(self, row: dict) -> None:
         with self.jsonl.open("a") as handle:
@@ -232,7 +252,9 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 
 def _check_finite_weights(model: nn.Module, epoch: int, out: Path) -> None:
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    # buffers too: BatchNorm's running statistics become the exported thresholds
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise OnebitError(f"weights became NaN/Inf at epoch {epoch} ({bad[0]}); last good checkpoint: {out / 'last.pt'}")
 
@@ -255,6 +277,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     main = context.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # temporary files of writes a kill interrupted
+            stale.unlink(missing_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = context.device
@@ -334,7 +358,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
             json.dump(dataclasses.asdict(config), handle, indent=2)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
     progress = config.progress and main
-    log = MetricsLog(out, resume=resume_state is not None) if main else None
+    log = MetricsLog(out, resume_state["epoch"] if resume_state is not None else None) if main else None
     started = time.perf_counter()
     interrupted = False
     try:

@@ -69,6 +69,11 @@ MAX_HEADER_BYTES = 64 << 20  # a header is a few KiB; refuse to even read a larg
 MAX_NAME_CHARS = 256
 MAX_RANK = 8
 MAX_LAYERS = 10_000
+#: values one sample may need at any point of the graph (an activation, a padded input, the
+#: rows of a float convolution's im2col): 16 Mi, over 9x the largest of an ImageNet ResNet-18.
+#: Without it a file of a few hundred bytes (a 1x1 convolution with a padding of 10^6) makes
+#: ``predict`` allocate terabytes.
+MAX_VALUES_PER_SAMPLE = 1 << 24
 OPS = ("flatten", "binarize", "dense", "conv", "maxpool", "threshold", "affine", "clamp")
 _METADATA_KEYS = {"onebit", "header_sha256"}
 
@@ -384,6 +389,11 @@ class _Checker:
             got = sorted(names) if isinstance(names, dict) else names
             raise self.fail(index, f"{layer.get('op')} takes tensors {sorted(allowed)}, got {got}")
 
+    def bounded(self, index: int | None, what: str, shape: tuple[int, ...]) -> None:
+        if math.prod(shape) > MAX_VALUES_PER_SAMPLE:
+            raise self.fail(index, f"{what} of shape {list(shape)[:8]} holds {math.prod(shape)} values per sample; "
+                                   f"the engine's limit is {MAX_VALUES_PER_SAMPLE}")
+
     def expect(self, index: int, op: str, value: Value, ok: bool, needs: str) -> None:
         if not ok:
             raise self.fail(index, f"{op} needs {needs}, got {value.describe()}")
@@ -400,6 +410,7 @@ class _Checker:
         if not (isinstance(layers, list) and 1 <= len(layers) <= MAX_LAYERS):
             raise self.fail(None, "layers must be a non-empty list")
         value = Value("float", (shape[1], shape[2], shape[0]) if len(shape) == 3 else (shape[0],))
+        self.bounded(None, "the input", value.shape)
         values = []
         for index, layer in enumerate(layers):
             if not isinstance(layer, dict) or layer.get("op") not in OPS:
@@ -409,6 +420,7 @@ class _Checker:
             if not isinstance(params, dict):
                 raise self.fail(index, "params must be an object")
             value = getattr(self, "op_" + layer["op"])(index, layer, params, value)
+            self.bounded(index, f"{layer['op']} output", value.shape)
             values.append(value)
         if value != Value("float", (classes,)):
             raise self.fail(None, f"the graph ends in {value.describe()}, not float logits [{classes}]")
@@ -463,6 +475,9 @@ class _Checker:
         h, w, c = value.shape
         if h + 2 * ph < kh or w + 2 * pw < kw:
             raise self.fail(index, f"conv kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
+        self.bounded(index, "padded conv input", (h + 2 * ph, w + 2 * pw, c))
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        self.bounded(index, "conv im2col", (ho, wo, kh, kw, c))
         if weights == "float":
             self.tensor(index, layer, "weight", "F32", (out, kh, kw, c))
         else:
@@ -481,6 +496,7 @@ class _Checker:
         h, w, c = value.shape
         if h + 2 * ph < kh or w + 2 * pw < kw:
             raise self.fail(index, f"maxpool kernel {kh}x{kw} larger than the padded input")
+        self.bounded(index, "padded maxpool input", (h + 2 * ph, w + 2 * pw, c))
         return Value(value.kind, ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, c), value.scaled)
 
     def op_threshold(self, index, layer, params, value: Value) -> Value:
