@@ -306,7 +306,7 @@ def train_command(config: dict) -> str:
         ("dataset", "--dataset"), ("data_dir", "--data-dir"), ("epochs", "--epochs"),
         ("batch_size", "--batch-size"), ("lr", "--lr"), ("lr_end", "--lr-end"), ("optimizer", "--optimizer"),
         ("weight_decay", "--weight-decay"), ("scheduler", "--scheduler"), ("loss", "--loss"),
-        ("val_fraction", "--val-fraction"), ("seed", "--seed"),
+        ("val_fraction", "--val-fraction"), ("seed", "--seed"), ("device", "--device"),
     ]
     for key, flag in flags:
         value = config.get(key, defaults.get(key))
@@ -314,7 +314,7 @@ def train_command(config: dict) -> str:
             parts += [flag, value if isinstance(value, str) else repr(value)]
     for key, value in (config.get("model_kwargs") or {}).items():
         parts += ["-m", f"{key}={_cli_value(value)}"]
-    for key, flag in (("lr_scaling", "--lr-scaling"), ("augment", "--augment")):
+    for key, flag in (("lr_scaling", "--lr-scaling"), ("augment", "--augment"), ("sync_bn", "--sync-bn"), ("amp", "--amp")):
         if config.get(key):
             parts.append(flag)
     if config.get("out"):

@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = "auto"
     sync_bn: bool = False
     amp: bool = False
+    recipe: str | None = None  # the recipe (onebit.recipes) these settings started from, for the record
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
