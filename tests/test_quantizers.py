@@ -259,6 +259,7 @@ PRECISIONS = {
     "scaled_sign": 1,
     "approx_sign": 1,
     "swish_sign": 1,
+    "he_sign": 1,
     "ternary": 2,
     "kbit": 2,
     "identity": 32,
@@ -321,3 +322,47 @@ def test_unknown_quantizer_lists_the_valid_names():
     assert "'sgn'" in message
     for name in PRECISIONS:
         assert name in message
+
+
+# --------------------------------------------------------------------------- he_sign (McDonnell 2018)
+def test_he_constant_is_sqrt_two_over_fan_in():
+    from onebit.quantizers import he_constant
+
+    assert he_constant((64, 16, 3, 3)) == pytest.approx((2 / (16 * 9)) ** 0.5)
+    assert he_constant(torch.empty(10, 256)) == pytest.approx((2 / 256) ** 0.5)
+    assert he_constant((10, 8, 1, 1)) == pytest.approx(0.5)
+    with pytest.raises(ShapeError):
+        he_constant((5,))
+
+
+def test_he_sign_forward_is_the_he_constant_times_sign_with_zero_positive():
+    from onebit.quantizers import he_sign
+
+    w = t(POINTS).view(1, 8)  # fan_in 8: scale sqrt(2/8) = 0.5 exactly
+    assert torch.equal(he_sign(w), 0.5 * t(SIGNS).view(1, 8))
+    conv = torch.randn(4, 3, 3, 3)
+    c = torch.tensor((2 / 27) ** 0.5, dtype=torch.float32)
+    assert torch.equal(he_sign(conv).abs().unique(), c.view(1))
+    assert torch.equal(he_sign(conv) > 0, conv >= 0)
+
+
+def test_he_sign_gradient_is_straight_through_unclipped_and_unscaled():
+    from onebit.quantizers import he_sign
+
+    w = t([[-3.0, -0.5, 0.0, 0.25, 2.0, 7.0]]).requires_grad_()
+    g = t([[1.0, -2.0, 3.0, -4.0, 5.0, -6.0]])
+    he_sign(w).backward(g)
+    assert torch.equal(w.grad, g)  # not zeroed beyond |w| > 1, not multiplied by sqrt(2/6)
+
+
+def test_he_sign_module_and_layer():
+    from onebit.layers import QuantConv2d
+    from onebit.quantizers import HeSign, he_sign
+
+    q = get_quantizer("he_sign")
+    assert isinstance(q, HeSign) and q.precision == 1 and q.name == "he_sign"
+    w = torch.randn(5, 7)
+    assert torch.equal(q(w), he_sign(w))
+    layer = QuantConv2d(6, 4, 3, padding=1, bias=False, weight_quantizer="he_sign")
+    assert torch.allclose(layer.quantized_weight().abs(), torch.full((4, 6, 3, 3), (2 / 54) ** 0.5))
+

@@ -25,9 +25,15 @@ The forward pass of every sign-like quantizer maps 0 to +1, so its output is exa
 ``approx_sign``    grad · max(0, 2 − 2|x|) (Bi-Real Net's piecewise-polynomial surrogate)
 ``swish_sign``     grad · β(2 − βx·tanh(βx/2)) / (1 + cosh βx) (SignSwish, Darabi et al.)
 =================  =====================================================================
+
+Two weight quantizers scale the ±1 values: ``scaled_sign`` by the data-dependent statistic
+α = mean |W| per filter (XNOR-Net), and ``he_sign`` by a fixed constant per layer, the He
+initialisation standard deviation sqrt(2 / fan_in) (McDonnell 2018), with the gradient passed
+straight through unchanged.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -39,6 +45,7 @@ from .registry import Registry
 __all__ = [
     "QUANTIZERS",
     "ApproxSign",
+    "HeSign",
     "IdentityQuantizer",
     "KBit",
     "Quantizer",
@@ -49,6 +56,8 @@ __all__ = [
     "Ternary",
     "approx_sign",
     "get_quantizer",
+    "he_constant",
+    "he_sign",
     "identity",
     "kbit",
     "scaled_sign",
@@ -79,6 +88,18 @@ class _Surrogate(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
         return grad * ctx.derivative(x), None, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``quantize(x)``, backward ``grad`` unchanged (no clip, no scale); saves nothing."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, quantize: Callable[[Tensor], Tensor]):
+        return quantize(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 def _sign(x: Tensor) -> Tensor:
@@ -210,6 +231,38 @@ def kbit(x: Tensor, bits: int = 2, mode: str = "activation") -> Tensor:
     return 2 * _uniform(scaled, bits) - 1
 
 
+def he_constant(shape) -> float:
+    """sqrt(2 / fan_in), the He et al. (2015) initialisation standard deviation of a weight of ``shape``.
+
+    ``shape`` is a weight's shape (or the weight itself): ``(out, in)`` for a linear layer,
+    ``(out, in/groups, kh, kw)`` for a convolution, so fan_in = in·kh·kw, the product of all
+    dims but the first (McDonnell 2018, Section 2.1.1: sqrt(2 / (F²·C_{i−1}))).
+    """
+    shape = tuple(shape.shape) if isinstance(shape, Tensor) else tuple(shape)
+    if len(shape) < 2:
+        raise ShapeError(f"he_constant needs a weight shape of at least 2 dims, got {shape}")
+    fan_in = math.prod(shape[1:])
+    if fan_in < 1:
+        raise ShapeError(f"he_constant needs a nonzero fan-in, got shape {shape}")
+    return math.sqrt(2.0 / fan_in)
+
+
+def he_sign(x: Tensor) -> Tensor:
+    """sqrt(2 / fan_in)·sign(x), sign(0) = +1, for a weight ``x`` (fan_in: all dims but the first).
+
+    McDonnell (2018), "Training wide residual networks for deployment using a single bit for each
+    weight", eq. 1: the sign of the weight times a *constant, unlearned* per-layer scale equal to
+    the He initialisation standard deviation, so that activations and gradients keep the
+    variance they have in a freshly initialised full-precision network. The backward pass is the
+    plain straight-through estimator: the incoming gradient unchanged, neither clipped at
+    |x| > 1 nor multiplied by the scale, as in the authors' Keras ``BinaryConv2D``
+    (``kernel + stop_gradient(sign(kernel)·multiplier − kernel)``, github.com/McDonnell-Lab/1-bit-per-weight,
+    ResNetModel.py). The paper's networks keep the latent weights unclipped (weight decay bounds them).
+    """
+    scale = he_constant(x.shape)
+    return _StraightThrough.apply(x, lambda w: _sign(w) * scale)
+
+
 def identity(x: Tensor) -> Tensor:
     """x unchanged, gradient 1: a full-precision placeholder."""
     return x
@@ -302,6 +355,17 @@ class SwishSign(Quantizer):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}"
+
+
+@_register
+class HeSign(Quantizer):
+    """McDonnell 2018 1-bit weights: sign(W)·sqrt(2 / fan_in), a fixed per-layer scale; straight-through gradient."""
+
+    name = "he_sign"
+    precision = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return he_sign(x)
 
 
 @_register

@@ -15,6 +15,7 @@ to (1, 28, 28), CNNs to (3, 32, 32). A factory's first docstring line is its one
 ``binarynet_*``        sign weights and activations (Courbariaux et al. 2016)
 ``binaryconnect_*``    sign weights, ReLU activations (Courbariaux et al. 2015)
 ``xnor_*``             α-scaled sign weights and activations (Rastegari et al. 2016)
+``wrn_1bit``           Wide ResNet, sign weights × a fixed He-init scale per layer (McDonnell 2018)
 ``float_*``            the same architectures in full precision (baselines)
 =====================  =====================================================================
 """
@@ -28,6 +29,7 @@ MODELS = Registry("model")
 
 # imported for their @MODELS.register side effect; after MODELS exists
 from . import binaryconnect, binarynet, xnor  # noqa: E402,F401
+from . import wrn  # noqa: E402,F401
 
 __all__ = ["MODELS", "create_model", "list_models"]
 
