@@ -148,3 +148,34 @@ def test_export_run_user_errors(trained_digits, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("onebit: error:") and expected in lines[0], (args, lines)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.npy", "m.onebit", "truncated.onebit", "wrong.npy"]
+
+
+def test_parser_builds_without_torch():
+    # `onebit run` must work where torch is not installed: building the parser imports no torch
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from onebit.cli import build_parser\n"
+            "args = build_parser().parse_args(['run', 'm.onebit', '-d', 'digits'])\n"
+            "assert args.model_file == 'm.onebit'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_train_with_flip_cutout_schedule_args_and_compressed_learning(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "float_mlp", "--dataset", "digits", "-m", "hidden=32", "--epochs", "2", "--threads", "1",
+                 "--quiet", "--augment", "--flip", "--cutout", "3", "--compressed", "stochastic",
+                 "--scheduler", "sgdr", "--scheduler-arg", "t0=1", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["flip"], config["cutout"], config["compressed"]) == (True, 3, "stochastic")
+    assert config["scheduler_kwargs"] == {"t0": 1}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == pytest.approx(1e-3)  # SGDR restarted after t0 = 1 epoch
+    bad = run_cli("train", "float_mlp", "--dataset", "digits", "--epochs", "1", "--scheduler", "sgdr",
+                  "--scheduler-arg", "nope=1", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_memory_command_small(capsys):
+    assert main(["memory", "--depth", "8", "--width", "1", "--batch", "4", "--size", "8", "--no-rss"]) == 0
+    printed = capsys.readouterr().out
+    assert "WRN-8-1" in printed and "saved 1/" in printed

@@ -562,3 +562,20 @@ def test_real_fashion_mnist(real_data_dir, isolated):
     test = load_dataset("fashion_mnist", "test", data_dir=real_data_dir)
     assert len(train) == 60000 and len(test) == 10000 and isolated == []
     assert train.images.shape == (60000, 1, 28, 28) and np.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_cutout_overwrites_one_square_per_sample_with_noise():
+    import torch
+
+    from onebit.data import Augment
+
+    x = torch.full((64, 1, 12, 12), 5.0)  # outside [-1, 1]: every overwritten pixel is visible
+    out = Augment(crop_padding=0, flip=False, cutout=4)(x, torch.Generator().manual_seed(0))
+    changed = out != 5.0
+    assert (out[changed].abs() <= 1).all()
+    per_sample = changed.flatten(1).sum(1)
+    assert per_sample.max() == 16 and per_sample.min() >= 4  # a 4×4 square, clipped at the border
+    rows, cols = changed[:, 0].any(2), changed[:, 0].any(1)
+    assert (rows.sum(1) * cols.sum(1) == per_sample).all()  # the changed pixels form a rectangle
+    with pytest.raises(OnebitError, match="cutout"):
+        Augment(cutout=-1)

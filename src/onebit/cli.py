@@ -87,6 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         sync_bn=args.sync_bn,
         amp=args.amp,
+        flip=args.flip,
+        cutout=args.cutout,
+        compressed=args.compressed,
+        scheduler_kwargs=dict(args.scheduler_arg) if args.scheduler_arg else None,
     )
     model_kwargs = _model_kwargs(args.model_arg)
     if args.recipe:
@@ -272,6 +276,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .memory import format_memory_table, measure_memory
+
+    rows = measure_memory(args.depth, args.width, args.batch, args.size, args.channels,
+                          float_weights=args.float_weights, threads=args.threads, seed=args.seed,
+                          rss=not args.no_rss, malloc_default=args.malloc_default)
+    name = "float_wrn" if args.float_weights else "wrn_1bit"
+    print(f"{name} WRN-{args.depth}-{args.width:g}, batch {args.batch}, input {args.channels}x{args.size}x{args.size}, "
+          f"{args.threads} thread(s), random data")
+    print(format_memory_table(rows))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_from_args
 
@@ -323,7 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, help="default 0")
     train.add_argument("--scheduler", help="constant (default), exponential, cosine or sgdr")
     train.add_argument("--loss", help="cross_entropy (default) or square_hinge")
+    train.add_argument("--scheduler-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+                       help="schedule argument, e.g. --scheduler-arg t0=2 for sgdr (repeatable)")
     train.add_argument("--augment", action="store_true", default=None, help="random crop with padding")
+    train.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
+    train.add_argument("--cutout", type=int, help="cutout square size in pixels (default 0: none)")
+    train.add_argument("--compressed", choices=["stochastic", "mean"],
+                       help="compressed learning: keep 1-2 bit activations for the backward pass (onebit.memory)")
     train.add_argument("--val-fraction", type=float, help="share of the training set held out (default 0.1)")
     train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
@@ -393,6 +416,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="engine vs PyTorch float32: GEMM, conv, end to end, file sizes")
     bench_arguments(bench).set_defaults(func=cmd_bench)
+
+    memory = commands.add_parser("memory", help="saved-for-backward and peak memory of WRN training, compressed or not")
+    memory.add_argument("--depth", type=int, default=20, help="WRN depth, 6n + 2 (default 20)")
+    memory.add_argument("--width", type=float, default=4, help="WRN width k (default 4)")
+    memory.add_argument("--batch", type=_positive_int, default=128, help="batch size (default 128)")
+    memory.add_argument("--size", type=_positive_int, default=32, help="input height and width (default 32)")
+    memory.add_argument("--channels", type=_positive_int, default=3, help="input channels (default 3)")
+    memory.add_argument("--float-weights", action="store_true", help="float_wrn instead of wrn_1bit")
+    memory.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    memory.add_argument("--seed", type=int, default=0)
+    memory.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    memory.add_argument("--malloc-default", action="store_true",
+                        help="measure RSS with glibc's default malloc settings (see onebit.memory.measure_memory)")
+    memory.set_defaults(func=cmd_memory)
 
     for name, func, what in (
         ("models", cmd_models, "list the models"),

@@ -170,29 +170,34 @@ def _seed_int(*parts: int) -> int:
 # --------------------------------------------------------------------------- augmentation and batching
 @dataclass(frozen=True)
 class Augment:
-    """Random crop with padding and random horizontal flip, batch-wise on ``B×C×H×W`` float tensors.
+    """Random crop with padding, random horizontal flip and cutout, batch-wise on ``B×C×H×W`` float tensors.
 
     The crop is the usual "pad by ``crop_padding`` then cut an ``H×W`` window at a random
     offset"; the border is filled with ``pad_value``, by default −1 — black, i.e. the zero padding
     torchvision's ``RandomCrop(padding=p)`` applies to raw pixels, in the ``[-1, 1]`` input range.
     Each sample gets its own offset and flip, drawn from ``generator``; the whole batch is one
-    gather (no per-sample Python loop).
+    gather (no per-sample Python loop). ``cutout`` > 0 then overwrites a ``cutout×cutout`` square
+    centred anywhere in the image (it may hang over the border) with uniform noise in [−1, 1],
+    as McDonnell (2018, Section 3.2) does after DeVries & Taylor (2017).
     """
 
     crop_padding: int = 4
     flip: bool = True
     pad_value: float = -1.0
+    cutout: int = 0
 
     def __post_init__(self) -> None:
         if int(self.crop_padding) < 0:
             raise OnebitError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if int(self.cutout) < 0:
+            raise OnebitError(f"cutout must be >= 0, got {self.cutout}")
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.ndim != 4:
             raise OnebitError(f"Augment expects a B×C×H×W batch, got shape {tuple(x.shape)}")
         p = int(self.crop_padding)
         if p == 0 and not self.flip:
-            return x
+            return self._cutout(x, generator)
         b, c, h, w = x.shape
         if p:
             x = torch.nn.functional.pad(x, (p, p, p, p), value=float(self.pad_value))
@@ -206,7 +211,20 @@ class Augment:
         cols = dx[:, None] + cols  # B×W
         batch = torch.arange(b)[:, None, None, None]
         chan = torch.arange(c)[None, :, None, None]
-        return x[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+        return self._cutout(x[batch, chan, rows[:, None, :, None], cols[:, None, None, :]], generator)
+
+    def _cutout(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        size = int(self.cutout)
+        if size == 0:
+            return x
+        b, c, h, w = x.shape
+        top = torch.randint(0, h, (b,), generator=generator) - size // 2
+        left = torch.randint(0, w, (b,), generator=generator) - size // 2
+        rows = torch.arange(h)[None, :] - top[:, None]  # B×H: position inside the square
+        cols = torch.arange(w)[None, :] - left[:, None]
+        inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1
+        return torch.where(inside[:, None], noise, x)
 
 
 class BatchLoader:

@@ -69,6 +69,10 @@ TRAIN_KEYS: dict[str, tuple[type, ...]] = {
     "weight_decay": (float, int),
     "val_fraction": (float, int),
     "seed": (int,),
+    "scheduler_kwargs": (dict,),
+    "flip": (bool,),
+    "cutout": (int,),
+    "compressed": (str,),
 }
 
 #: Top-level recipe keys that are not TrainConfig fields.

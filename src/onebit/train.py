@@ -25,6 +25,7 @@ to ``config.json`` and the final test figures to ``result.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -45,6 +46,7 @@ from .errors import CheckpointError, OnebitError
 from .files import atomic_write, zip_integrity_error
 from .layers import clip_latent_weights
 from .losses import get_loss
+from .memory import compressed_activations
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
 
@@ -80,6 +82,10 @@ class TrainConfig:
     sync_bn: bool = False
     amp: bool = False
     recipe: str | None = None  # the recipe (onebit.recipes) these settings started from, for the record
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    flip: bool = False
+    cutout: int = 0
+    compressed: str | None = None  # "stochastic" or "mean": compressed learning, see onebit.memory
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -313,14 +319,16 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     optimizer = build_optimizer(
         model, config.optimizer, config.lr, weight_decay=config.weight_decay, lr_scaling=config.lr_scaling
     )
-    augment = Augment(crop_padding=4 if full_train.images.shape[-1] >= 28 else 1, flip=False) if config.augment else None
+    crop = (4 if full_train.images.shape[-1] >= 28 else 1) if config.augment else 0
+    augment = Augment(crop_padding=crop, flip=config.flip, cutout=config.cutout) if crop or config.flip or config.cutout else None
     train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, augment=augment,
                                rank=context.rank, world_size=context.world_size)
     eval_batch = max(config.batch_size, 256)
     val_loader = BatchLoader(val_set, eval_batch) if len(val_set) else None
     test_loader = BatchLoader(test_set, eval_batch)
     scheduler = build_scheduler(
-        optimizer, config.scheduler, epochs=config.epochs, steps_per_epoch=len(train_loader), lr_end=config.lr_end
+        optimizer, config.scheduler, epochs=config.epochs, steps_per_epoch=len(train_loader), lr_end=config.lr_end,
+        **config.scheduler_kwargs,
     )
 
     start_epoch, skip_batches, history, best = 0, 0, [], -1.0
@@ -362,8 +370,9 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     log = MetricsLog(out, resume_state["epoch"] if resume_state is not None else None) if main else None
     started = time.perf_counter()
     interrupted = False
+    compression = compressed_activations(model, code=config.compressed) if config.compressed else contextlib.nullcontext()
     try:
-        with _InterruptFlag() as interrupt:
+        with _InterruptFlag() as interrupt, compression:
             for epoch in range(start_epoch, config.epochs):
                 epoch_start = time.perf_counter()
                 model.train()
