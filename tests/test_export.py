@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 import onebit
+from onebit.data import load_dataset, to_float
 from onebit.engine import kernels, load
 from onebit.engine import format as fmt
-from onebit.errors import CheckpointError, FormatError, OnebitError, ShapeError
+from onebit.engine.executor import pixels_to_inputs
+from onebit.errors import CheckpointError, ConfigError, FormatError, OnebitError, ShapeError
 from onebit.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from onebit.export import ExportError, derive_thresholds, export_checkpoint, export_model, export_onnx
 from onebit.layers import QuantAct, QuantConv2d, QuantLinear
@@ -394,6 +396,254 @@ def test_checkpoint_round_trip(tmp_path):
         export_checkpoint(tmp_path / "junk.pt", tmp_path / "x.onebit")
     with pytest.raises(CheckpointError, match="does not exist"):
         export_checkpoint(tmp_path / "none.pt", tmp_path / "x.onebit")
+
+
+# --------------------------------------------------------------------------- pixel inputs (input_levels)
+def pixel_batch(n: int, shape, levels: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, levels + 1, size=(n, *shape), dtype=np.uint8)
+
+
+def first_conv_model(channels: int, pad_value: float, stride: int = 1) -> nn.Sequential:
+    """A real-input first conv with any pad value (the built-in CNNs pad theirs with 0), then a
+    binary conv, pooling and a dense layer; input (channels, 9, 11)."""
+    sign = dict(weight_quantizer="sign")
+    h, w = (9, 11) if stride == 1 else (5, 6)
+    model = nn.Sequential(OrderedDict(
+        conv1=QuantConv2d(channels, 12, 3, stride=stride, padding=1, pad_value=pad_value, bias=False, **sign),
+        bn1=nn.BatchNorm2d(12),
+        conv2=QuantConv2d(12, 8, 3, padding=1, bias=False, input_quantizer="sign", **sign),
+        pool2=nn.MaxPool2d(2),
+        bn2=nn.BatchNorm2d(8),
+        flatten=nn.Flatten(),
+        fc=QuantLinear(8 * (h // 2) * (w // 2), 10, bias=False, input_quantizer="sign", **sign),
+        bn3=nn.BatchNorm1d(10),
+    ))
+    model.in_shape = (channels, 9, 11)
+    return model
+
+
+#: first layers on pixels: odd fan-ins K on both sides of the bit-plane / float-kernel switch
+#: (K ≤ 32 sums pixel values with the float32 kernel), every conv pad value and a stride
+PIXEL_MODELS = {
+    "mlp-K65": lambda: create_model("binarynet_mlp", in_shape=(1, 5, 13), hidden=96, depth=2),
+    "mlp-K21": lambda: create_model("binarynet_mlp", in_shape=(1, 3, 7), hidden=40, depth=1),
+    "cnn-digits-K9": lambda: create_model("binarynet_cnn", in_shape=(1, 8, 8), width=0.15, fc_units=64),
+    "conv-K45-pad0": lambda: first_conv_model(5, 0.0),
+    "conv-K45-pad-1": lambda: first_conv_model(5, -1.0),
+    "conv-K27-pad+1-stride2": lambda: first_conv_model(3, 1.0, stride=2),
+    "conv-K45-pad0.5": lambda: first_conv_model(5, 0.5),
+}
+_pixel_exported: dict[str, tuple] = {}
+
+
+def pixel_exported(key: str, tmp_path_factory, levels: int = 16) -> tuple[nn.Module, Path, Path]:
+    """(model, its file with input_levels, the same model's file without)."""
+    if (key, levels) not in _pixel_exported:
+        torch.manual_seed(len(key))
+        model = PIXEL_MODELS[key]()
+        model = randomize_bn(model, model.in_shape, seed=len(key))
+        folder = tmp_path_factory.mktemp("pixels")
+        export_model(model, folder / "levels.onebit", input_levels=levels)
+        export_model(model, folder / "plain.onebit")
+        _pixel_exported[(key, levels)] = (model, folder / "levels.onebit", folder / "plain.onebit")
+    return _pixel_exported[(key, levels)]
+
+
+@pytest.fixture
+def first_layer_inputs(monkeypatch) -> list[str]:
+    """What the real-input first layer was computed on, call by call: "pixels" (bit planes, or
+    the float kernel on integer pixel values) or "floats"."""
+    calls: list[str] = []
+    bitplane, float_gemm = kernels.bitplane_gemm, kernels.float_gemm_binary
+
+    def spy_bitplane(x, w, threads=0):
+        calls.append("pixels")
+        return bitplane(x, w, threads)
+
+    def spy_float(x, w, threads=0):
+        calls.append("pixels" if x.min() >= 0 and np.all(x == np.rint(x)) and x.max() > 1 else "floats")
+        return float_gemm(x, w, threads)
+
+    monkeypatch.setattr(kernels, "bitplane_gemm", spy_bitplane)
+    monkeypatch.setattr(kernels, "float_gemm_binary", spy_float)
+    return calls
+
+
+def test_pipeline_inputs_are_the_training_pipelines():
+    """pixels_to_inputs is onebit.data.to_float bit for bit, for every level count and pixel."""
+    p = np.arange(256, dtype=np.uint8)
+    for levels in range(1, 256):
+        np.testing.assert_array_equal(pixels_to_inputs(p, levels).view(np.uint32), to_float(p, levels).numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("key", sorted(PIXEL_MODELS))
+def test_pixel_path_is_bit_exact(key, path, tmp_path_factory, first_layer_inputs):
+    """On a 16-level grid (x multiples of 1/8) every float32 sum is exact, so the pixel path's
+    exact pre-activations are PyTorch's bit for bit; ties on thresholds included (randomize_bn)."""
+    model, file, _ = pixel_exported(key, tmp_path_factory)
+    kernels.set_path(path)
+    engine = load(file)
+    assert engine.input_levels == 16 and "first layer on pixels" in engine.summary()
+    for n in (1, 3, 64):
+        p = pixel_batch(n, model.in_shape, 16, seed=n)
+        x = pixels_to_inputs(p, 16)
+        logits, pre = torch_preactivations(model, torch.from_numpy(x))
+        first_layer_inputs.clear()
+        traced = [t for t in engine.trace(x) if t.op in ("dense", "conv")]
+        assert first_layer_inputs == ["pixels"]
+        assert [t.name for t in traced] == list(pre)
+        for entry in traced:
+            np.testing.assert_array_equal(entry.value.astype(np.float32), pre[entry.name], err_msg=entry.name)
+        predicted = engine.predict(x)
+        assert_logits_close(predicted, logits)
+        np.testing.assert_array_equal(predicted.argmax(1), logits.argmax(1))
+        np.testing.assert_array_equal(predicted, engine.trace(x)[-1].value)  # fused bounds == float32 y, thresholded
+        np.testing.assert_array_equal(engine.predict_uint8(p), predicted)
+        np.testing.assert_array_equal(engine.predict(x.astype(np.float64)), predicted)  # still on the grid
+    assert set(first_layer_inputs) == {"pixels"}
+
+
+def test_pixel_path_off_grid_keeps_the_float_path(tmp_path_factory, first_layer_inputs):
+    """A batch with any value off the grid (one ulp, −0.0, NaN, outside [−1, 1], another grid)
+    runs the float path, with the results of a file without input_levels."""
+    for key in ("mlp-K65", "conv-K45-pad0.5"):
+        model, file, plain = pixel_exported(key, tmp_path_factory)
+        engine, reference = load(file), load(plain)
+        x = pixels_to_inputs(pixel_batch(5, model.in_shape, 16, seed=3), 16)
+        flat = x.reshape(-1)
+        for change in (lambda v: np.nextafter(v, np.float32(2)), lambda v: np.float32(-0.0),
+                       lambda v: np.float32(np.nan), lambda v: np.float32(1.5)):
+            bad = x.copy()
+            index = int(np.flatnonzero(flat == 0)[0]) if change(np.float32(0)) == 0 else 17
+            bad.reshape(-1)[index] = change(bad.reshape(-1)[index])
+            first_layer_inputs.clear()
+            got = engine.predict(bad)
+            assert first_layer_inputs == ["floats"], key
+            np.testing.assert_array_equal(got, reference.predict(bad))
+            for a, b in zip(engine.trace(bad), reference.trace(bad)):
+                np.testing.assert_array_equal(a.value, b.value)
+        other_grid = pixels_to_inputs(pixel_batch(5, model.in_shape, 255, seed=4), 255)  # 255 levels, not 16
+        first_layer_inputs.clear()
+        got = engine.predict(other_grid)
+        assert first_layer_inputs == ["floats"]
+        np.testing.assert_array_equal(got, reference.predict(other_grid))
+
+
+def test_pixel_path_concurrent_calls_match_serial(tmp_path_factory):
+    _, file, _ = pixel_exported("conv-K45-pad0.5", tmp_path_factory)
+    engine = load(file)
+    batches = [pixel_batch(n % 5 + 1, (5, 9, 11), 16, seed=n) for n in range(16)]
+    serial = [engine.predict_uint8(b) for b in batches]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for got, want in zip(pool.map(engine.predict_uint8, batches), serial):
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(pool.map(lambda b: engine.predict(pixels_to_inputs(b, 16)), batches), serial):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture
+def real_mnist_like(real_data_dir):
+    return (load_dataset("fashion_mnist", "train", data_dir=real_data_dir),
+            load_dataset("fashion_mnist", "test", data_dir=real_data_dir))
+
+
+def calibrate_bn(model: nn.Module, images: np.ndarray, levels: int, seed: int) -> nn.Module:
+    """BatchNorm running statistics of real images (each threshold at its channel's mean over
+    the data: many pre-activations close to it), γ ~ N(0, 1) (negative ones too), β ~ N(0, 0.5²)."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    for bn in bns:
+        bn.momentum = None  # a cumulative average
+        bn.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(to_float(images, levels))
+        for bn in bns:
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, kwargs", [("binarynet_mlp", dict(hidden=512, depth=2)),
+                                          ("binarynet_cnn", dict(width=0.25, fc_units=128))])
+def test_pixel_path_on_real_fashion_mnist(name, kwargs, real_mnist_like, tmp_path, capsys):
+    """Real 8-bit images: PyTorch's float32 sums of ((p/255)·2)−1 are not exact, the pixel path
+    is (rounded once). They may disagree only at a threshold within float rounding: count it."""
+    train, test = real_mnist_like
+    torch.manual_seed(0)
+    model = calibrate_bn(create_model(name, in_shape=(1, 28, 28), **kwargs), train.images[:1000], 255, seed=1)
+    export_model(model, tmp_path / "m.onebit", input_levels=train.max_value)
+    engine = load(tmp_path / "m.onebit")
+    pixels = test.images[:2000]
+    first, second = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))][:2]
+    seen = {}
+    hook = second.register_forward_pre_hook(lambda m, i: seen.__setitem__("bits", (i[0] >= 0).numpy()))
+    try:
+        with torch.no_grad():
+            torch_classes = model(to_float(pixels, 255)).argmax(1).numpy()
+    finally:
+        hook.remove()
+    x = pixels_to_inputs(pixels, 255)
+    trace = engine.trace(x)
+    threshold = next(t for t in trace if t.op == "threshold")  # the first layer's output bits
+    bit_diffs = int(((threshold.value > 0) != seen["bits"]).sum())
+    classes = engine.predict_uint8(pixels).argmax(1)
+    np.testing.assert_array_equal(classes, engine.classify(x))
+    np.testing.assert_array_equal(classes, trace[-1].value.argmax(1))
+    agreement = float(np.mean(classes == torch_classes))
+    with capsys.disabled():
+        print(f"\n{name} on {len(pixels)} Fashion-MNIST test images: first-layer bits differing from "
+              f"PyTorch {bit_diffs} of {seen['bits'].size}, classes equal {100 * agreement:.2f}%")
+    assert agreement >= 0.999, (bit_diffs, agreement)
+    assert bit_diffs <= 1e-6 * seen["bits"].size + 5
+
+
+def test_predict_uint8_errors_and_fallback(tmp_path_factory, tmp_path):
+    model, file, plain = pixel_exported("cnn-digits-K9", tmp_path_factory)
+    engine = load(file)
+    p = pixel_batch(4, (1, 8, 8), 16)
+    for wrong in (p.astype(np.float32), p.astype(np.int16), p.astype(np.int64), p.astype(bool), p.tolist()):
+        with pytest.raises(ShapeError, match="uint8"):
+            engine.predict_uint8(wrong)
+    for wrong in (p[:, 0], p[..., :7], p[None]):
+        with pytest.raises(ShapeError, match=r"must have shape \('N', 1, 8, 8\)"):
+            engine.predict_uint8(wrong)
+    with pytest.raises(ShapeError, match=r"0\.\.16.*found 17"):
+        engine.predict_uint8(np.where(p == p.max(), np.uint8(17), p))
+    assert engine.predict_uint8(np.zeros((0, 1, 8, 8), np.uint8)).shape == (0, 10)
+    with pytest.raises(ConfigError, match="no input_levels"):
+        load(plain).predict_uint8(p)
+    # with levels but no real-input binary first layer (full-precision first layer): pixels → floats
+    torch.manual_seed(0)
+    full = randomize_bn(create_model("binarynet_mlp", in_shape=(1, 8, 8), hidden=32, depth=1, float_first_last=True),
+                        (1, 8, 8), ties=False)
+    export_model(full, tmp_path / "full.onebit", input_levels=16)
+    other = load(tmp_path / "full.onebit")
+    assert "first layer on pixels" not in other.summary()
+    np.testing.assert_array_equal(other.predict_uint8(p), other.predict(pixels_to_inputs(p, 16)))
+
+
+@pytest.mark.parametrize("levels", [0, 256, 2.0, "16", True])
+def test_export_refuses_bad_input_levels(levels, tmp_path):
+    model = create_model("binarynet_mlp", in_shape=(1, 8, 8), hidden=16, depth=1)
+    with pytest.raises(FormatError, match="input_levels"):
+        export_model(model, tmp_path / "m.onebit", input_levels=levels)
+    assert not (tmp_path / "m.onebit").exists()
+
+
+@pytest.mark.parametrize("config, levels", [({"dataset": "fashion_mnist"}, 255), ({"dataset": "digits"}, 16),
+                                            ({"dataset": "no_such_dataset"}, None), ({}, None)])
+def test_checkpoint_records_the_datasets_pixel_grid(config, levels, tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"in_shape": [1, 8, 8], "num_classes": 10, "hidden": 32, "depth": 1}
+    model = randomize_bn(create_model("binarynet_mlp", **kwargs), (1, 8, 8))
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config,
+                "model_name": "binarynet_mlp", "model_kwargs": kwargs, "model_state": model.state_dict()},
+               tmp_path / "best.pt")
+    meta = export_checkpoint(tmp_path / "best.pt", tmp_path / "model.onebit")
+    assert meta.get("input_levels") == levels
+    assert load(tmp_path / "model.onebit").input_levels == levels
 
 
 # --------------------------------------------------------------------------- no torch in the engine

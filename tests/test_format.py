@@ -307,3 +307,24 @@ def test_graph_errors_name_the_problem():
     assert "out_features" in graph_error(set_layer(1, params={"out_features": 0, "weights": "binary"}))
     assert "takes tensors" in graph_error(set_layer(0, tensors={"weight": "fc1.w"}))
     assert "version" in graph_error(lambda m, t: m.update(format_version="1"))
+
+
+@pytest.mark.parametrize("levels", [0, 256, -1, 16.0, 255.5, "255", True, None, [255]])
+def test_bad_input_levels(levels, tmp_path: Path):
+    """input_levels, the optional pixel grid of the inputs, must be an int in 1..255."""
+    assert "input_levels must be an int in 1..255" in graph_error(lambda m, t: m.update(input_levels=levels))
+    with pytest.raises(FormatError, match="input_levels"):
+        write_model(tmp_path / "bad.onebit", dict(tiny()[0], input_levels=levels), tiny()[1])
+    assert not (tmp_path / "bad.onebit").exists()
+    meta, tensors = tiny()
+    fmt._write_raw(tmp_path / "raw.onebit", dict(good_meta(), input_levels=levels), tensors)
+    with pytest.raises(FormatError, match="input_levels"):
+        read_model(tmp_path / "raw.onebit")
+
+
+@pytest.mark.parametrize("levels", [1, 16, 255])
+def test_input_levels_round_trip(levels, tmp_path: Path):
+    write_model(tmp_path / "m.onebit", dict(tiny()[0], input_levels=levels), tiny()[1])
+    assert read_model(tmp_path / "m.onebit")[0]["input_levels"] == levels
+    write_model(tmp_path / "plain.onebit", *tiny())
+    assert "input_levels" not in read_model(tmp_path / "plain.onebit")[0]  # optional: absent unless given

@@ -19,11 +19,15 @@ Cases (``--cases``, default all; ``--quick`` shrinks every shape):
   torch), torch ``F.conv2d``.
 * ``e2e``: ``binarynet_mlp`` (784–3×4096–10, ``--mlp-hidden``) and ``binarynet_cnn`` (3×32×32,
   ``--cnn-width``) at batch 1 and 64, random weights and random BatchNorm statistics
-  (:func:`randomize_batchnorm`), exported with :func:`onebit.export.export_model`, loaded with
-  :func:`onebit.engine.load`. Engine: ``predict(x)`` on float32 NCHW input (packing included);
-  torch: ``model(x)`` in eval mode with the weights binarized once (``torch_latent_ms`` in
-  the JSON times the model as trained, which re-binarizes its latent weights on every call).
-  The engine's classes must equal torch's argmax on the timed input (``agreement``).
+  (:func:`randomize_batchnorm`), exported with :func:`onebit.export.export_model` with
+  ``input_levels=255``, loaded with :func:`onebit.engine.load`. Input: random uint8 images
+  mapped to [−1, 1] by the training pipeline (``onebit.data.to_float``), the same float32
+  tensor for both. Engine: ``predict(x)`` on it (the grid check, packing included; the first
+  layer runs on the pixels); ``engine_offgrid_ms`` times ``predict`` on the same values moved
+  one float32 step up, off the pixel grid, i.e. the float path of the first layer. Torch:
+  ``model(x)`` in eval mode with the weights binarized once (``torch_latent_ms`` in the JSON
+  times the model as trained, which re-binarizes its latent weights on every call). The
+  engine's classes must equal torch's argmax on the timed input (``agreement``).
 * ``size``: the float32 ``state_dict`` saved with safetensors against the ``.onebit`` file.
 
 Every engine case runs on every kernel path of ``--paths`` (default: all native paths of
@@ -86,6 +90,7 @@ __all__ = [
 ]
 
 CASES = ("gemm", "conv", "e2e", "size")
+_LEVELS = 255  # end-to-end inputs: 8-bit pixels, as the image datasets have
 #: binary ops per bit pair: the XNOR and the popcount-accumulate (a float multiply-add is 2 FLOPs)
 OPS_PER_BIT_PAIR = 2
 BITS_PER_CYCLE = 512  # one 512-bit VPOPCNTQ (and XOR) per core per cycle
@@ -259,7 +264,7 @@ def _prepare_model(name: str, kwargs: dict, folder: Path, seed: int) -> _Prepare
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / f"{name}.safetensors"))
-    export_model(model, folder / f"{name}.onebit", source={"name": name, "kwargs": kwargs})
+    export_model(model, folder / f"{name}.onebit", source={"name": name, "kwargs": kwargs}, input_levels=_LEVELS)
     if name == "binarynet_mlp":
         label = f"{name} {math.prod(model.in_shape)}-3x{kwargs['hidden']}-{model.num_classes}"
     else:
@@ -312,7 +317,9 @@ def run_benchmark(
     "sizes": [one row per model]}``; a row holds ``case``, ``name``, ``mode``, ``path``,
     ``batch``, ``engine_ms``, ``torch_ms`` (medians), their minima, ``speedup`` (torch/engine),
     ``speedup_min``, ``gops``, ``pct_limit``, ``pct_peak``, and for ``e2e`` ``model``,
-    ``torch_latent_ms``, ``agreement`` (share of equal classes), ``predictions_equal``.
+    ``torch_latent_ms``, ``engine_offgrid_ms`` and ``engine_offgrid_min_ms`` (the engine on
+    off-grid input: the float path of the first layer), ``agreement`` (share of equal
+    classes), ``predictions_equal``.
     Bad options raise :class:`~onebit.errors.ConfigError` or
     :class:`~onebit.errors.UnknownNameError` before anything runs.
     """
@@ -470,8 +477,12 @@ class _Bench:
     def end_to_end(self, prepared: _Prepared, engine) -> None:
         import torch
 
+        from .data import to_float
+
         model = prepared.model
-        inputs = {B: self.randn(B, *model.in_shape) for B in self.plan.e2e_batches}
+        inputs = {B: to_float(torch.randint(0, _LEVELS + 1, (B, *model.in_shape), generator=self.generator,
+                                            dtype=torch.uint8), _LEVELS)
+                  for B in self.plan.e2e_batches}
         latent, expected = {}, {}
         for B, x in inputs.items():
             latent[B] = self.time_torch(lambda: model(x))
@@ -483,12 +494,15 @@ class _Bench:
             xn = x.numpy()
             name = f"{prepared.label} B={B}"
             ops = OPS_PER_BIT_PAIR * prepared.binary_macs * B
+            off_grid = np.nextafter(xn, np.float32(2))  # one float32 step up: no longer pixel values
             for path in self.paths:
                 kernels.set_path(path)
                 t = self.time(lambda: engine.predict(xn))
+                t_off = self.time(lambda: engine.predict(off_grid))
                 agreement = float(np.mean(engine.classify(xn) == expected[B]))
                 self.record("e2e", name, "predict", path, B, t, reference, ops, model=prepared.name,
                             shape={"B": B, "input": list(model.in_shape)}, torch_latent_ms=latent[B].median_ms,
+                            engine_offgrid_ms=t_off.median_ms, engine_offgrid_min_ms=t_off.min_ms,
                             agreement=agreement, predictions_equal=agreement == 1.0)
 
 
@@ -511,14 +525,15 @@ def format_table(result: dict) -> str:
     if result["results"]:
         width = max(len(r["name"]) for r in result["results"])
         header = (f"{'case':<{width}}  {'mode':<9} {'path':<8} {'engine ms':>10} {'torch ms':>10} {'speedup':>8} "
-                  f"{'min/min':>8} {'GOPS':>7} {'%limit':>7} {'%peak':>6}  agree")
+                  f"{'min/min':>8} {'GOPS':>7} {'%limit':>7} {'%peak':>6}  agree  offgrid ms")
         lines += ["", header, "-" * len(header)]
         for r in result["results"]:
             agree = "" if "agreement" not in r else f"{100 * r['agreement']:.0f}%"
+            offgrid = "" if "engine_offgrid_ms" not in r else f"{r['engine_offgrid_ms']:10.4f}"
             lines.append(
                 f"{r['name']:<{width}}  {r['mode']:<9} {r['path']:<8} {r['engine_ms']:10.4f} {r['torch_ms']:10.3f} "
                 f"{r['speedup']:7.1f}x {r['speedup_min']:7.1f}x {r['gops']:7.0f} {_number(r['pct_limit'], '7.1f')} "
-                f"{_number(r['pct_peak'], '6.1f')}  {agree}"
+                f"{_number(r['pct_peak'], '6.1f')}  {agree:>5}  {offgrid}".rstrip()
             )
     if result["sizes"]:
         width = max(len(s["name"]) for s in result["sizes"])

@@ -182,19 +182,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_inputs(images, max_value: int):
-    """The training pipeline's [-1, 1] scaling (onebit.data.to_float) in numpy, same float32 rounding."""
-    import numpy as np
-
-    return images.astype(np.float32) / np.float32(max_value) * np.float32(2.0) - np.float32(1.0)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     import numpy as np
 
     from .engine import FormatError, kernels, load
+    from .engine.executor import pixels_to_inputs
 
     if args.kernel:
         kernels.set_path(args.kernel)
@@ -226,14 +220,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tuple(data.images.shape[1:]) != model.input_shape:
         raise OnebitError(f"dataset {args.dataset} has inputs {tuple(data.images.shape[1:])}, "
                           f"model expects {model.input_shape}")
+    # pixels straight to the engine when the file knows this dataset's grid (the first layer then
+    # runs exactly on them); otherwise the pipeline's float inputs
+    on_pixels = model.input_levels == data.max_value
     correct, start = 0, time.perf_counter()
     for first in range(0, len(data.labels), args.batch_size):
         batch = slice(first, first + args.batch_size)
-        correct += int((model.classify(_engine_inputs(data.images[batch], data.max_value)) == data.labels[batch]).sum())
+        images = data.images[batch]
+        logits = model.predict_uint8(images) if on_pixels else model.predict(pixels_to_inputs(images, data.max_value))
+        correct += int((logits.argmax(axis=1) == data.labels[batch]).sum())
     seconds = time.perf_counter() - start
     result = {"model": str(args.model_file), "dataset": args.dataset, "split": args.split,
               "samples": len(data.labels), "accuracy": correct / len(data.labels), "seconds": seconds,
-              "samples_per_second": len(data.labels) / seconds, "kernel": kernels.current_path()}
+              "samples_per_second": len(data.labels) / seconds, "kernel": kernels.current_path(),
+              "input": "pixels" if on_pixels else "float"}
     if args.json:
         print(json.dumps(result))
         return 0

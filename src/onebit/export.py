@@ -14,7 +14,9 @@ into a per-channel ``threshold`` (the next layer binarizes: sign(BN(...)) become
 or into ``affine``/``clamp`` ops (the value stays real: logits, real activations, XNOR-Net's
 per-sample scale). Thresholds are decided by evaluating the model's own modules (in torch
 float32, eval mode) at candidate pre-activations, so the engine's bits are those PyTorch
-computes. The derivation, the conventions and what is exact are in docs/export.md.
+computes. ``input_levels`` (the dataset's pixel range, from a checkpoint's training config)
+lets the engine run the first layer exactly on integer pixels. The derivation, the
+conventions and what is exact are in docs/export.md.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine.format import read_model, words, write_model
+from .engine import kernels
+from .engine.format import read_model, write_model
 from .errors import OnebitError
 from .files import atomic_write
 from .layers import QuantAct, QuantConv2d, QuantLinear
@@ -64,11 +67,7 @@ class ExportError(OnebitError, ValueError):
 def pack_bits(negative: np.ndarray) -> np.ndarray:
     """Pack booleans (True ↔ −1 ↔ bit 1) along the last axis into little-endian uint64 words,
     element k in word k // 64 at bit k % 64, zero padding (docs/design.md)."""
-    negative = np.asarray(negative, dtype=bool)
-    k = negative.shape[-1]
-    padded = np.zeros(negative.shape[:-1] + (words(k) * 64,), dtype=bool)
-    padded[..., :k] = negative
-    return np.packbits(padded, axis=-1, bitorder="little").view("<u8").astype(np.uint64)
+    return kernels._pack_bool(np.asarray(negative, dtype=bool))
 
 
 def _sign_negative(w: torch.Tensor) -> np.ndarray:
@@ -496,24 +495,33 @@ def _model_input_shape(model: nn.Module, input_shape, source: dict | None) -> tu
     return tuple(int(s) for s in shape)
 
 
-def build_graph(model: nn.Module, input_shape=None, *, source: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def build_graph(model: nn.Module, input_shape=None, *, source: dict | None = None,
+                input_levels: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """The ``.onebit`` metadata and tensors for ``model`` (see :func:`export_model`)."""
     shape = _model_input_shape(model, input_shape, source)
     builder = _Builder(model, shape)
     with torch.no_grad():
         layers, num_classes = builder.build()
     metadata = {"source_model": source, "input_shape": list(shape), "num_classes": num_classes, "layers": layers}
+    if input_levels is not None:  # checked with the rest of the metadata by write_model
+        metadata["input_levels"] = input_levels
     return metadata, builder.tensors
 
 
-def export_model(model: nn.Module, path: str | os.PathLike, *, source: dict | None = None, input_shape=None) -> dict:
+def export_model(model: nn.Module, path: str | os.PathLike, *, source: dict | None = None, input_shape=None,
+                 input_levels: int | None = None) -> dict:
     """Write ``model`` as a ``.onebit`` file at ``path``; return its metadata.
 
     ``source`` (e.g. ``{"name": "binarynet_mlp", "kwargs": {...}}``) is recorded as the
     file's ``source_model``. The input shape is ``input_shape``, else ``model.in_shape``.
-    BatchNorm layers contribute their running statistics whatever the model's mode.
+    ``input_levels`` L (an int in 1..255), if given, records that the model was trained on
+    inputs ((p / L)·2) − 1 of integer pixels p in 0..L (``onebit.data.to_float``, L the
+    dataset's ``max_value``), so that the engine can run the first layer exactly on the
+    pixels (``predict_uint8``, and ``predict`` on such inputs); another value is a
+    :class:`~onebit.errors.FormatError`. BatchNorm layers contribute their running
+    statistics whatever the model's mode.
     """
-    metadata, tensors = build_graph(model, input_shape, source=source)
+    metadata, tensors = build_graph(model, input_shape, source=source, input_levels=input_levels)
     write_model(path, metadata, tensors)
     return read_model(path)[0]
 
@@ -523,8 +531,11 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
     """Export a training checkpoint (see :func:`onebit.train.load_checkpoint`) to ``.onebit``.
 
     The checkpoint is read with ``torch.load(weights_only=True)`` and the model rebuilt from
-    the registry with the checkpoint's weights. Returns the written metadata.
+    the registry with the checkpoint's weights. When its training config names a registered
+    dataset, the file records that dataset's ``max_value`` as ``input_levels`` (see
+    :func:`export_model`). Returns the written metadata.
     """
+    from .data import DATASETS, dataset_info
     from .train import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(checkpoint_path)
@@ -532,7 +543,11 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | os.Pat
     kwargs = state["model_kwargs"]
     source = {"name": state["model_name"],
               "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-    return export_model(model, out_path, source=source)
+    config = state["config"] if isinstance(state["config"], dict) else {}
+    dataset = config.get("dataset")
+    # the pixel grid the model was trained on; unknown (no levels) for a dataset not registered here
+    levels = dataset_info(dataset)["max_value"] if isinstance(dataset, str) and dataset in DATASETS else None
+    return export_model(model, out_path, source=source, input_levels=levels)
 
 
 # --------------------------------------------------------------------------- ONNX

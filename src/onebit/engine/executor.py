@@ -4,6 +4,7 @@
     model = load("model.onebit")            # weights packed into kernel panels once, here
     logits = model.predict(x)               # x: float32 [N, *model.input_shape], NCHW like PyTorch
     labels = model.classify(x)              # int64 [N]
+    logits = model.predict_uint8(pixels)    # uint8 [N, *input_shape], files with input_levels
 
 Activations flow in the engine's layout: NHWC for images (channels packed into uint64 words
 for bits), flat vectors otherwise. Each op of the file's graph becomes one prepared step;
@@ -11,22 +12,35 @@ a binary ``dense``/``conv`` followed by ``threshold`` (or by a plain ``affine``)
 fused kernel call (``gemm_threshold`` / ``conv_threshold`` / ``*_affine``), which computes
 exactly what the two steps compute one after the other (:meth:`Model.trace` runs them apart).
 
+**Pixel path.** When the file records ``input_levels`` L (the training pipeline fed
+x = ((p / L)·2) − 1 of integer pixels p ∈ [0, L], :func:`pixels_to_inputs`) and the graph
+starts (after flattens) with a binary ``dense``/``conv`` on real inputs, that layer also runs
+on the pixels: S = Σ_k p_k·s_k exactly with :func:`~onebit.engine.kernels.bitplane_gemm`
+(8 bit planes of popcounts instead of K float adds per output; for K ≤ 32 the float32 kernel
+on the pixel values, exact as every partial sum is a small integer), on a uint8 im2col for a
+conv, then y = (2·S − L·Σ_k s_k)/L rounded once to float32 (plus the contribution of a conv's
+padding): the correctly rounded real pre-activation, where the float path sums float32 values
+with one rounding per add. A following ``threshold`` becomes integer bounds on S (found at load
+by bisection over the same float32 y, so fused and traced results agree). :meth:`Model.predict`
+takes this path when every value of the batch is exactly such an x (bit for bit),
+:meth:`Model.predict_uint8` always; any other input keeps the float path.
+
 A :class:`Model` holds no mutable state after loading: :meth:`Model.predict` may be called
 from many threads at once. This module never imports torch.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 from . import kernels
-from .format import Value, check_graph, read_model, words
+from .format import Value, check_graph, read_model
 
-__all__ = ["Model", "TraceEntry", "load"]
+__all__ = ["Model", "TraceEntry", "load", "pixels_to_inputs"]
 
 _INT_MIN = np.iinfo(np.int32).min
 
@@ -56,34 +70,19 @@ class TraceEntry:
 
 
 # --------------------------------------------------------------------------- helpers
-def _pack_bool(negative: np.ndarray) -> np.ndarray:
-    """bool[..., K] (True ↔ −1) → uint64[..., ceil(K/64)]."""
-    k = negative.shape[-1]
-    padded = np.zeros(negative.shape[:-1] + (words(k) * 64,), dtype=bool)
-    padded[..., :k] = negative
-    return np.packbits(padded, axis=-1, bitorder="little").view("<u8").astype(np.uint64, copy=False)
-
-
-def _unpack(bits: np.ndarray, k: int) -> np.ndarray:
-    """uint64[..., ceil(k/64)] → bool[..., k] (True ↔ bit 1 ↔ −1)."""
-    raw = np.ascontiguousarray(bits).astype("<u8", copy=False).view(np.uint8)
-    return np.unpackbits(raw, axis=-1, bitorder="little")[..., :k].astype(bool)
-
-
-def _keep_mask(k: int) -> np.ndarray:
-    mask = np.full(words(k), np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
-    if k % 64:
-        mask[-1] = np.uint64((1 << (k % 64)) - 1)
-    return mask
+_pack_bool = kernels._pack_bool  # bool[..., K] (True ↔ −1) → uint64[..., ceil(K/64)]
+_unpack = kernels._unpack_bool  # uint64[..., ceil(k/64)] → bool[..., k] (True ↔ bit 1 ↔ −1)
+_keep_mask = kernels._keep_mask  # the valid bits of each word of a k-bit row
 
 
 def _im2col(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, pad_value: float) -> np.ndarray:
-    """float32 NHWC [B, H, W, C] → [B·Ho·Wo, kh·kw·C], K ordered (kh, kw, C)."""
+    """NHWC [B, H, W, C] (float32, or uint8 pixels) → [B·Ho·Wo, kh·kw·C] of the same dtype,
+    K ordered (kh, kw, C)."""
     b, h, w, c = x.shape
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    xp = np.full((b, h + 2 * ph, w + 2 * pw, c), pad_value, dtype=np.float32)
+    xp = np.full((b, h + 2 * ph, w + 2 * pw, c), pad_value, dtype=x.dtype)
     xp[:, ph:ph + h, pw:pw + w] = x
-    cols = np.empty((b, ho, wo, kh, kw, c), dtype=np.float32)
+    cols = np.empty((b, ho, wo, kh, kw, c), dtype=x.dtype)
     for ky in range(kh):
         for kx in range(kw):
             cols[:, :, :, ky, kx] = xp[:, ky:ky + sh * (ho - 1) + 1:sh, kx:kx + sw * (wo - 1) + 1:sw]
@@ -112,6 +111,75 @@ def _to_torch_layout(value: np.ndarray, v: Value) -> np.ndarray:
     return value.transpose(0, 3, 1, 2) if v.spatial else value
 
 
+# --------------------------------------------------------------------------- pixels
+def pixels_to_inputs(pixels: np.ndarray, levels: int) -> np.ndarray:
+    """Pixels 0..``levels`` → float32 inputs ((p / levels)·2) − 1, each operation rounded to
+    float32: bit for bit what the training pipeline (``onebit.data.to_float``) feeds the model."""
+    return np.asarray(pixels).astype(np.float32) / np.float32(levels) * np.float32(2) - np.float32(1)
+
+
+def _grid_pixels(x: np.ndarray, levels: int) -> np.ndarray | None:
+    """uint8 pixels p with ``pixels_to_inputs(p, levels)`` identical (every bit) to float32 ``x``,
+    or None when some value of ``x`` is not one of those L + 1 floats (NaN, −0.0 included)."""
+    if not np.all((x >= -1) & (x <= 1)):  # written so that NaN fails too
+        return None
+    pixels = np.rint((x + np.float32(1)) * np.float32(levels / 2)).astype(np.uint8)  # p, if x is on the grid
+    same = pixels_to_inputs(pixels, levels).view(np.uint32) == x.view(np.uint32)
+    return pixels if same.all() else None
+
+
+def _pixel_values(sums: np.ndarray, base: np.ndarray, levels: int) -> np.ndarray:
+    """float32 y = (2·S − base)/L: the numerator is an exact integer in float64 (< 2^53; base is
+    an integer unless a conv pads with a value other than 0, ±1), so the division rounds once
+    there, and rounding that to float32 is the correctly rounded quotient (a quotient of
+    integers by L ≤ 255 never lies within 2^-53 of a float32 rounding boundary without being
+    on it)."""
+    return ((2.0 * sums.astype(np.float64) - base) / levels).astype(np.float32)
+
+
+#: up to this fan-in K the pixel sums run on the float32 kernel instead of the bit planes: 8
+#: popcounts of a mostly empty 64-bit word then cost more than K float adds (measured crossover
+#: K ≈ 40 with AVX-512), and every partial sum is an integer below 255·K < 2^24: exact
+_FLOAT_SUMS_MAX_K = 32
+
+
+def _pixel_gemm(matrix: kernels.BinaryMatrix, threads: int) -> tuple[Callable[[np.ndarray], np.ndarray], np.dtype]:
+    """(uint8 [M, K] → S = Σ_k p_k·s_k [M, N] exactly, the dtype S comes in): int32 from the
+    bit planes, or float32 holding exact integers for a small K."""
+    if matrix.K <= _FLOAT_SUMS_MAX_K:
+        return lambda p: kernels.float_gemm_binary(p.astype(np.float32), matrix, threads), np.dtype(np.float32)
+    return lambda p: kernels.bitplane_gemm(np.ascontiguousarray(p), matrix, threads), np.dtype(np.int32)
+
+
+def _least(pred: Callable[[np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Per element, the least integer n in [low, high) with ``pred(n)`` true, ``high`` if none;
+    ``pred`` must be monotone (false, then true). Bisection, vectorized."""
+    a, b = low.copy(), high.copy()  # pred is false below a, true at b (or b = high)
+    while np.any(active := a < b):
+        m = a + (b - a) // 2
+        ok = pred(m)
+        a, b = np.where(active & ~ok, m + 1, a), np.where(active & ok, m, b)
+    return a
+
+
+def _pixel_bounds(base: np.ndarray, levels: int, scale: np.ndarray, thresh: np.ndarray,
+                  reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (lo, hi), shaped like ``base`` broadcast with the channels: the threshold rule
+    s·y ≥ t on y = :func:`_pixel_values` (S) holds iff lo ≤ S ≤ hi, for every S in
+    [−reach, reach]. y is monotone in S, so each rule is an up-set (s = +1), a down-set
+    (s = −1) or all/nothing (s = 0) of S; its boundary is found by bisection on y itself."""
+    shape = np.broadcast_shapes(base.shape, thresh.shape)
+    base = np.broadcast_to(base, shape)
+    s, t = np.broadcast_to(scale, shape), np.broadcast_to(thresh, shape)
+    low, high = np.full(shape, -reach, np.int64), np.full(shape, reach + 1, np.int64)
+    up = _least(lambda n: _pixel_values(n, base, levels) >= t, low, high)  # s = +1: S ≥ up
+    down = _least(lambda n: _pixel_values(n, base, levels) > -t, low, high) - 1  # s = −1: −y ≥ t ⇔ S ≤ down
+    never, always = reach + 1, -reach - 1
+    lo = np.where(s > 0, up, np.where(s < 0, always, np.where(t <= 0, always, never)))
+    hi = np.where(s < 0, down, never)
+    return lo, hi
+
+
 # --------------------------------------------------------------------------- steps
 @dataclass
 class _Step:
@@ -129,13 +197,21 @@ class _Step:
     thresh: np.ndarray | None = None  # threshold: t
     mul: np.ndarray | None = None  # affine
     add: np.ndarray | None = None
+    # the pixel path of a real-input binary dense/conv (files with input_levels): pixel_sums maps
+    # uint8 pixels (engine layout) to the exact S = Σ_k p_k·s_k in the op's output layout, and
+    # the op's float32 output is _pixel_values(S, pixel_base, L)
+    pixel_sums: Callable[[np.ndarray], np.ndarray] | None = None
+    pixel_dtype: np.dtype | None = None  # of S: int32, or float32 holding exact integers
+    pixel_base: np.ndarray | None = None
+    pixel_reach: int = 0  # max |S|: 255·K
 
 
 class Model:
     """A loaded ``.onebit`` model (see :func:`load`).
 
     Attributes: ``input_shape`` (per sample, PyTorch layout, e.g. (1, 28, 28)),
-    ``num_classes``, ``metadata`` (the file's metadata), ``source_model``.
+    ``num_classes``, ``metadata`` (the file's metadata), ``source_model``, ``input_levels``
+    (L of the pixel grid x = ((p / L)·2) − 1 the model was trained on, or None).
     """
 
     def __init__(self, metadata: dict, tensors: dict[str, np.ndarray], *, threads: int | None = None) -> None:
@@ -149,13 +225,18 @@ class Model:
         self.input_shape: tuple[int, ...] = tuple(metadata["input_shape"])
         self.num_classes: int = int(metadata["num_classes"])
         self.source_model = metadata.get("source_model")
+        self.input_levels: int | None = metadata.get("input_levels")
         shape = self.input_shape
         value = Value("float", (shape[1], shape[2], shape[0]) if len(shape) == 3 else (shape[0],))
         self._steps: list[_Step] = []
         for index, (layer, out) in enumerate(zip(metadata["layers"], values)):
             self._steps.append(self._prepare(index, layer, value, out, tensors))
             value = out
-        self._plan = self._fuse()
+        self._plan = self._fuse(0)
+        # the same graph on uint8 pixels (None: no pixel path); see the module docstring
+        self._pixel_steps: list[_Step] | None = None
+        self._pixel_plan: list[Callable] | None = None
+        self._prepare_pixels()
 
     # ---- preparation
     def _prepare(self, index: int, layer: dict, inp: Value, out: Value, tensors: dict[str, np.ndarray]) -> _Step:
@@ -261,6 +342,12 @@ class Model:
         matrix = kernels.BinaryMatrix(np.ascontiguousarray(weight), k)
         step.kernel = matrix
         if inp.kind == "float":
+            if self._pixels_fit(k):
+                step.pixel_sums, step.pixel_dtype = _pixel_gemm(matrix, threads)
+                weight_sums = k - 2 * _unpack(weight, k).sum(axis=1, dtype=np.int64)  # Σ_k s_k per output
+                step.pixel_base = float(self.input_levels) * weight_sums
+                step.pixel_reach = 255 * k
+
             def run(x, beta):
                 return kernels.float_gemm_binary(np.ascontiguousarray(x, dtype=np.float32), matrix, threads), beta
         else:
@@ -284,10 +371,26 @@ class Model:
             return run
         if inp.kind == "float":
             # real input: im2col, then the float × binary GEMM on weights packed densely over K
-            dense = _pack_bool(_unpack(weight, c).reshape(o, kh * kw * c))
-            matrix = kernels.BinaryMatrix(dense, kh * kw * c)
+            negative = _unpack(weight, c)  # [O, kh, kw, C]
+            k = kh * kw * c
+            matrix = kernels.BinaryMatrix(_pack_bool(negative.reshape(o, k)), k)
             step.kernel = matrix
             pad_value = float(params["pad_value"])
+            if self._pixels_fit(k):
+                levels = float(self.input_levels)
+                gemm, step.pixel_dtype = _pixel_gemm(matrix, threads)
+
+                def pixel_sums(p):  # pixel im2col pads with p = 0; the base below accounts for it
+                    return gemm(_im2col(p, kh, kw, sh, sw, ph, pw, 0)).reshape(p.shape[0], ho, wo, o)
+
+                # y = Σ_inside s_k·x_k + v·Σ_pad s_k with x_k = (2·p_k − L)/L and S = Σ_inside s_k·p_k:
+                # y = (2·S − L·Σ_all s_k + L·(1 + v)·Σ_pad s_k)/L. Σ_pad depends on the output pixel.
+                taps = c - 2 * negative.sum(axis=3, dtype=np.int64)  # [O, kh, kw]: Σ_C s per tap
+                base = levels * taps.sum(axis=(1, 2))
+                if (ph or pw) and pad_value != -1.0:
+                    outside = kernels._outside_tap_sums(taps, h, w, (sh, sw), (ph, pw))  # [Ho, Wo, O]
+                    base = base - levels * (1.0 + pad_value) * outside
+                step.pixel_sums, step.pixel_base, step.pixel_reach = pixel_sums, base, 255 * k
 
             def run(x, beta):
                 cols = _im2col(x, kh, kw, sh, sw, ph, pw, pad_value)
@@ -301,11 +404,48 @@ class Model:
             return conv.conv(np.ascontiguousarray(x), threads), beta
         return run
 
-    def _fuse(self) -> list[Callable]:
-        """The steps of predict: binary dense/conv + threshold / plain affine as one kernel call."""
+    def _pixels_fit(self, k: int) -> bool:
+        """Whether a real-input binary layer of fan-in k gets the pixel path: the file knows its
+        pixel grid, and S = Σ p·s (|S| ≤ 255·k, + 1 for the bounds' sentinels) fits int32."""
+        return self.input_levels is not None and 255 * k + 1 < 2**31
+
+    def _prepare_pixels(self) -> None:
+        """The pixel path: leading flattens (they only reshape), the first layer on pixels, then
+        the float path's steps; the layer and a following threshold fuse into integer bounds."""
+        first = 0
+        while first < len(self._steps) and self._steps[first].op == "flatten":
+            first += 1
+        layer = self._steps[first] if first < len(self._steps) else None
+        if layer is None or layer.pixel_sums is None:
+            return
+        sums, base, levels = layer.pixel_sums, layer.pixel_base, self.input_levels
+
+        def run(p, beta):
+            return _pixel_values(sums(p), base, levels), beta
+
+        steps = list(self._steps)
+        steps[first] = replace(layer, run=run)
+        plan = [s.run for s in steps[:first]]
+        nxt = steps[first + 1] if first + 1 < len(steps) else None
+        if nxt is not None and nxt.op == "threshold":
+            # as S's dtype: exact, as |bounds| ≤ 255·K + 1 (< 2^24 where S is float32)
+            lo, hi = (b.astype(layer.pixel_dtype) for b in _pixel_bounds(base, levels, nxt.scale, nxt.thresh,
+                                                                        layer.pixel_reach))
+
+            def fused(p, beta):
+                s = sums(p)
+                return _pack_bool((s < lo) | (s > hi)), None
+            plan += [fused, *self._fuse(first + 2)]
+        else:
+            plan += [run, *self._fuse(first + 1)]
+        self._pixel_steps, self._pixel_plan = steps, plan
+
+    def _fuse(self, start: int) -> list[Callable]:
+        """The steps of predict from step ``start`` on: binary dense/conv + threshold / plain
+        affine as one kernel call."""
         plan: list[Callable] = []
         steps = self._steps
-        i = 0
+        i = start
         threads = self.threads
         while i < len(steps):
             step = steps[i]
@@ -325,39 +465,81 @@ class Model:
         return plan
 
     # ---- inference
-    def _input(self, x: Any) -> np.ndarray:
+    def _layout(self, array: np.ndarray, what: str) -> np.ndarray:
+        """Check the shape of a batch; NCHW (PyTorch) → NHWC (engine), contiguous."""
+        expected = ("N", *self.input_shape)
+        if array.ndim != len(expected) or tuple(array.shape[1:]) != self.input_shape:
+            raise ShapeError(f"{what} must have shape {expected}, got {tuple(array.shape)}")
+        if len(self.input_shape) == 3:
+            array = array.transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(array)
+
+    def _input(self, x: Any) -> tuple[np.ndarray, bool]:
+        """(engine-layout value, whether it holds uint8 pixels for the pixel path) for float inputs."""
         array = np.asarray(x)
         if array.dtype.kind not in "fiu":
             raise ShapeError(f"input must be a real-valued array (float32), got dtype {array.dtype}")
-        expected = ("N", *self.input_shape)
-        if array.ndim != len(expected) or tuple(array.shape[1:]) != self.input_shape:
-            raise ShapeError(f"input must have shape {expected}, got {tuple(array.shape)}")
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if len(self.input_shape) == 3:  # NCHW (PyTorch) → NHWC (engine)
-            array = np.ascontiguousarray(array.transpose(0, 2, 3, 1))
-        return array
+        value = self._layout(array.astype(np.float32, copy=False), "input")
+        if self._pixel_plan is not None and value.size:
+            pixels = _grid_pixels(value, self.input_levels)
+            if pixels is not None:
+                return pixels, True
+        return value, False
+
+    def _pixels(self, images: Any) -> tuple[np.ndarray, bool]:
+        """The same for uint8 pixels: the pixel path, or their float inputs where there is none."""
+        levels = self.input_levels
+        if levels is None:
+            raise ConfigError("this model file records no input_levels (the pixel grid it was trained on); "
+                              "use predict() on float inputs")
+        array = np.asarray(images)
+        if array.dtype != np.uint8:
+            raise ShapeError(f"pixels must be a uint8 array, got dtype {array.dtype}")
+        value = self._layout(array, "pixels")
+        if levels < 255 and value.size and int(value.max()) > levels:
+            raise ShapeError(f"pixels must lie in 0..{levels} (the model's input_levels), found {int(value.max())}")
+        if self._pixel_plan is None:
+            return pixels_to_inputs(value, levels), False
+        return value, True
+
+    def _run(self, value: np.ndarray, on_pixels: bool) -> np.ndarray:
+        if value.shape[0] == 0:
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        beta = None
+        for run in self._pixel_plan if on_pixels else self._plan:
+            value, beta = run(value, beta)
+        return value
 
     def predict(self, x: Any) -> np.ndarray:
         """Logits float32 [N, num_classes] for inputs ``x`` [N, *input_shape] (cast to float32).
 
+        With ``input_levels`` in the file, a batch whose every value is exactly a pipeline input
+        ((p / L)·2) − 1 runs the first layer on the pixels p (exact; see the module docstring).
         Raises :class:`~onebit.errors.ShapeError` for a wrong shape or a non-real dtype.
         """
-        value, beta = self._input(x), None
-        if value.shape[0] == 0:
-            return np.zeros((0, self.num_classes), dtype=np.float32)
-        for run in self._plan:
-            value, beta = run(value, beta)
-        return value
+        return self._run(*self._input(x))
+
+    def predict_uint8(self, images: Any) -> np.ndarray:
+        """Logits float32 [N, num_classes] for uint8 pixels ``images`` [N, *input_shape] in
+        0..``input_levels``: the model's input is ((p / L)·2) − 1 as in training, and the first
+        layer runs on the pixels without :meth:`predict`'s check of the batch.
+
+        Raises :class:`~onebit.errors.ConfigError` if the file records no ``input_levels``,
+        :class:`~onebit.errors.ShapeError` for another dtype or shape, or pixels above L.
+        """
+        return self._run(*self._pixels(images))
 
     def classify(self, x: Any) -> np.ndarray:
         """Predicted labels int64 [N] (argmax of the logits, the lowest index on ties)."""
         return self.predict(x).argmax(axis=1).astype(np.int64)
 
     def trace(self, x: Any) -> list[TraceEntry]:
-        """Every op's output for inputs ``x``, unfused, in PyTorch's layout (see :class:`TraceEntry`)."""
-        value, beta = self._input(x), None
+        """Every op's output for inputs ``x``, unfused, in PyTorch's layout (see :class:`TraceEntry`);
+        on the pixel path where :meth:`predict` takes it."""
+        value, on_pixels = self._input(x)
+        beta = None
         entries = []
-        for step in self._steps:
+        for step in self._pixel_steps if on_pixels else self._steps:
             value, beta = step.run(value, beta)
             shown = _unpack(value, step.out.channels).astype(np.int8) * -2 + 1 if step.out.kind == "bits" else value
             entries.append(TraceEntry(step.index, step.op, step.name, _to_torch_layout(shown, step.out)))
@@ -374,7 +556,10 @@ class Model:
         lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
                  for r in rows]
         source = self.source_model.get("name") if isinstance(self.source_model, dict) else None
-        head = f"onebit model{f' ({source})' if source else ''}: input {list(self.input_shape)}, {self.num_classes} classes"
+        levels = "" if self.input_levels is None else f" (pixels 0..{self.input_levels}" + (
+            ", first layer on pixels)" if self._pixel_plan is not None else ")")
+        head = (f"onebit model{f' ({source})' if source else ''}: input {list(self.input_shape)}{levels}, "
+                f"{self.num_classes} classes")
         return "\n".join([head, *lines, f"total stored: {total:,} bytes; kernel path {kernels.current_path()}"])
 
     def __repr__(self) -> str:

@@ -14,7 +14,9 @@ thus covered: a flipped bit anywhere is a :class:`~onebit.errors.FormatError`.
 The reader trusts nothing: it checks the header length against the file size before reading
 the header, every dtype, shape and offset before reading the payload (which it allocates from
 the real file size, never from a declared one), both checksums, the format name and version,
-and the graph (:func:`check_graph`: every op's parameters, tensors, shapes and dtypes).
+and the graph (:func:`check_graph`: every op's parameters, tensors, shapes and dtypes, and the
+optional ``input_levels``: the model's inputs are ((p / L)·2) − 1 of integer pixels p in
+0..L, L an int in 1..255, which lets the engine run the first layer exactly on pixels).
 
 This module imports numpy and the standard library only (no torch).
 """
@@ -38,6 +40,7 @@ __all__ = [
     "DTYPES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAX_INPUT_LEVELS",
     "OPS",
     "Value",
     "check_graph",
@@ -74,6 +77,8 @@ MAX_LAYERS = 10_000
 #: Without it a file of a few hundred bytes (a 1x1 convolution with a padding of 10^6) makes
 #: ``predict`` allocate terabytes.
 MAX_VALUES_PER_SAMPLE = 1 << 24
+#: the largest pixel value of ``input_levels``: pixels are uint8
+MAX_INPUT_LEVELS = 255
 OPS = ("flatten", "binarize", "dense", "conv", "maxpool", "threshold", "affine", "clamp")
 _METADATA_KEYS = {"onebit", "header_sha256"}
 
@@ -170,7 +175,7 @@ def write_model(path: str | os.PathLike, metadata: dict, tensors: dict[str, np.n
     """Write a ``.onebit`` file (atomically): ``metadata`` describes the graph, ``tensors`` its data.
 
     ``metadata`` needs ``input_shape``, ``num_classes`` and ``layers`` (and may hold
-    ``source_model`` and anything else JSON can hold); ``format``, ``format_version``,
+    ``source_model``, ``input_levels`` and anything else JSON can hold); ``format``, ``format_version``,
     ``conventions`` and ``payload_sha256`` are filled in, ``onebit_version`` unless given.
     The graph is checked first (:func:`check_graph`), so an invalid model is never written.
     """
@@ -406,6 +411,10 @@ class _Checker:
         classes = meta.get("num_classes")
         if not (_is_int(classes) and classes >= 1):
             raise self.fail(None, f"num_classes must be a positive int, got {str(classes)[:20]}")
+        if "input_levels" in meta:  # optional: inputs are ((p / L)·2) − 1 of pixels p in 0..L
+            levels = meta["input_levels"]
+            if not (_is_int(levels) and 1 <= levels <= MAX_INPUT_LEVELS):
+                raise self.fail(None, f"input_levels must be an int in 1..{MAX_INPUT_LEVELS}, got {str(levels)[:20]}")
         layers = meta.get("layers")
         if not (isinstance(layers, list) and 1 <= len(layers) <= MAX_LAYERS):
             raise self.fail(None, "layers must be a non-empty list")

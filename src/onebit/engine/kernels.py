@@ -20,6 +20,8 @@ Semantics that are easy to get wrong:
   rounded to float32 (no fused multiply-add).
 * :func:`float_gemm_binary`: each output is one float32 accumulator starting at 0.0 to which
   ``±x[k]`` is added for k = 0, 1, …, K−1 in that order (exact sign flips, one rounding per add).
+* :func:`bitplane_gemm`: uint8 × ±1, the exact int32 sum (|sum| ≤ 255·K), from the 8 bit
+  planes of x: the engine runs a first layer on 8-bit pixels with it.
 * Padding bits beyond K in an activation row (beyond C in each conv pixel) are ignored; weights
   are masked at construction.
 * :class:`BinaryConv2d` ``pad_value``: +1 / −1 pad with real ±1 values; 0 pads with zeros
@@ -193,13 +195,11 @@ def _keep_mask(K: int) -> np.ndarray:
 
 
 def _pack_bool(b: np.ndarray) -> np.ndarray:
-    """bool[..., K] → uint64[..., ceil(K/64)], LSB first."""
+    """bool[..., K] (True ↔ bit 1 ↔ −1) → uint64[..., ceil(K/64)], LSB first, padding bits 0."""
     K = b.shape[-1]
-    KW = _words(K)
-    pad = np.zeros(b.shape[:-1] + (KW * WORD,), dtype=np.uint8)
+    pad = np.zeros(b.shape[:-1] + (_words(K) * WORD,), dtype=bool)
     pad[..., :K] = b
-    by = np.packbits(pad.reshape(b.shape[:-1] + (KW, WORD)), axis=-1, bitorder="little")
-    return np.ascontiguousarray(by).view("<u8").reshape(b.shape[:-1] + (KW,)).astype(np.uint64, copy=False)
+    return np.packbits(pad, axis=-1, bitorder="little").view("<u8").astype(np.uint64, copy=False)
 
 
 def _unpack_bool(bits: np.ndarray, K: int) -> np.ndarray:
@@ -220,6 +220,22 @@ def _xor_dot(a: np.ndarray, w: np.ndarray, K: int) -> np.ndarray:
         pc = _popcount(x).sum(axis=-1, dtype=np.int64)
         out[m0 : m0 + step] = K - 2 * pc
     return out
+
+
+def _outside_tap_sums(tap_sums: np.ndarray, H: int, W: int, stride: tuple[int, int],
+                      padding: tuple[int, int]) -> np.ndarray:
+    """int64[Ho, Wo, O]: per output pixel of a conv on an H×W image, the sum of
+    ``tap_sums[o, ky, kx]`` over the kernel taps that fall into the padding (for border
+    corrections: a tap's contribution computed with one pad value, replaced by another's)."""
+    _, kh, kw = tap_sums.shape
+    (sh, sw), (ph, pw) = stride, padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    iy = np.arange(Ho)[:, None] * sh - ph + np.arange(kh)[None, :]  # [Ho, kh]
+    ix = np.arange(Wo)[:, None] * sw - pw + np.arange(kw)[None, :]  # [Wo, kw]
+    vy = (iy >= 0) & (iy < H)
+    vx = (ix >= 0) & (ix < W)
+    outside = ~(vy[:, None, :, None] & vx[None, :, None, :])  # [Ho, Wo, kh, kw]
+    return np.einsum("yxij,oij->yxo", outside.astype(np.int64), tap_sums.astype(np.int64))
 
 
 def _threshold_bits(dot: np.ndarray, scale: np.ndarray, thresh: np.ndarray) -> np.ndarray:
@@ -509,13 +525,7 @@ class BinaryConv2d:
         if self.pad_value == 0 and (ph or pw):
             # taps outside the image were computed as +1: subtract their weight sums
             wsum = self.C - 2 * _popcount(w).sum(axis=-1, dtype=np.int64)  # [O, kh, kw]
-            iy = np.arange(Ho)[:, None] * sh - ph + np.arange(self.kh)[None, :]  # [Ho, kh]
-            ix = np.arange(Wo)[:, None] * sw - pw + np.arange(self.kw)[None, :]  # [Wo, kw]
-            vy = (iy >= 0) & (iy < H)
-            vx = (ix >= 0) & (ix < W)
-            outside = ~(vy[:, None, :, None] & vx[None, :, None, :])  # [Ho, Wo, kh, kw]
-            corr = np.einsum("yxij,oij->yxo", outside.astype(np.int64), wsum)
-            dot = dot - corr[None]
+            dot = dot - _outside_tap_sums(wsum, H, W, self.stride, self.padding)[None]
         return dot.astype(np.int32)
 
     # ---- public
