@@ -88,8 +88,13 @@ class DistContext:
         dist.all_gather(gathered, checksum)
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
-    def close(self) -> None:
+    def close(self, wait_for_others: bool = True) -> None:
+        """Leave the process group; ``wait_for_others`` first waits until every rank gets here
+        (gloo aborts a rank whose peer tears its connections down mid-use). A rank that
+        failed must not wait: it exits, and torchrun stops the others."""
         if self.distributed and dist.is_initialized():
+            if wait_for_others:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -274,9 +274,12 @@ def train(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.dataset``; see the module docstring."""
     context = setup(config.device)
     try:
-        return _train(config, context)
-    finally:
-        context.close()
+        result = _train(config, context)
+    except BaseException:
+        context.close(wait_for_others=False)
+        raise
+    context.close()
+    return result
 
 
 def _train(config: TrainConfig, context: DistContext) -> TrainResult:
