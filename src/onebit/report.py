@@ -476,11 +476,12 @@ def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike) -> Path:
         ax.set_ylabel("accuracy")
         ax.set_title(f"{dataset}: train (dashed) and validation (solid) accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="lower right")
-        fig.tight_layout()
+        # beside the axes, not on them: a results page easily holds a dozen runs (two lines each)
+        entries = len(ax.get_legend_handles_labels()[1])
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + entries // 24)
         path = Path(path)
         with atomic_write(path) as handle:
-            fig.savefig(handle, format="png", dpi=100)
+            fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
