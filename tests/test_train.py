@@ -139,3 +139,57 @@ def test_bad_settings_are_user_errors(tmp_path):
         train(small(tmp_path, model="no_such_model"))
     with pytest.raises(UnknownNameError, match="digits"):
         train(small(tmp_path, dataset="no_such_data"))
+
+
+# --------------------------------------------------------------------------- numerical guards
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import onebit.train as train_module
+
+    real = train_module.get_loss
+
+    def poisoned(name):
+        loss, calls = real(name), [0]
+
+        def fn(logits, y):
+            calls[0] += 1
+            value = loss(logits, y)
+            return value * float("nan") if calls[0] > 45 else value  # digits, batch 64: 21 batches an epoch
+
+        return fn
+
+    monkeypatch.setattr(train_module, "get_loss", poisoned)
+    config = small(tmp_path, epochs=4)
+    with pytest.raises(OnebitError, match="loss became nan at epoch 3.*last.pt"):
+        train(config)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_nan_weights_or_statistics_stop_the_run_before_they_are_saved(tmp_path, monkeypatch):
+    import onebit.train as train_module
+
+    real, steps = train_module.clip_latent_weights, [0]
+
+    def clip_then_poison(model):
+        real(model)
+        steps[0] += 1
+        if steps[0] == 30:  # in epoch 2: a BatchNorm running statistic becomes NaN
+            next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)).running_var.fill_(float("nan"))
+
+    monkeypatch.setattr(train_module, "clip_latent_weights", clip_then_poison)
+    with pytest.raises(OnebitError, match="NaN/Inf at epoch 2.*running_var"):
+        train(small(tmp_path, epochs=3))
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("lr", [1e-3, 0.5, 50.0])
+def test_latent_weights_stay_within_their_clip_range(tmp_path, lr):
+    from onebit.layers import QuantConv2d, QuantLinear
+
+    train(small(tmp_path, epochs=1, lr=lr, optimizer="sgd"))
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "last.pt"))
+    clipped = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_clip is not None]
+    assert clipped
+    for layer in clipped:
+        assert layer.weight.abs().max() <= layer.weight_clip

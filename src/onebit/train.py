@@ -394,7 +394,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                         loss = loss_fn(logits.float(), y)
                     if not torch.isfinite(loss):
                         raise OnebitError(
-                            f"loss became {float(loss)} at epoch {epoch + 1}, batch {batch_index + 1}; "
+                            f"loss became {float(loss.detach())} at epoch {epoch + 1}, batch {batch_index + 1}; "
                             f"last good checkpoint: {out / 'last.pt'}"
                         )
                     loss.backward()
