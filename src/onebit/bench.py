@@ -1,8 +1,8 @@
 """The deployment benchmark: the onebit engine against PyTorch float32, side by side, in one run.
 
     python -m onebit bench --threads 2 --json bench.json --plot bench.png
-    python -m onebit.bench --quick                      # a few seconds: small shapes (CI smoke)
-    python -m onebit.bench --cases gemm,e2e --paths avx512,portable
+    onebit bench --quick                      # a few seconds: small shapes (CI smoke)
+    onebit bench --cases gemm,e2e --paths avx512,portable
 
     from onebit.bench import format_table, run_benchmark
     result = run_benchmark(threads=2, cases=["gemm", "e2e"], quick=True)
@@ -66,7 +66,7 @@ import numpy as np
 from . import __version__
 from .engine import kernels
 from .errors import ConfigError, UnknownNameError
-from .files import atomic_write
+from .files import atomic_write, save_png
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the command line can build its parser without it
     from torch import nn
@@ -599,17 +599,14 @@ def plot_speedups(result: dict, path: str | os.PathLike) -> Path:
         axes[0][0].set_ylabel(f"speedup vs torch float32 (threads: {result['settings']['threads']})")
         fig.suptitle(result["environment"]["cpu"], fontsize="small")
         fig.tight_layout()
-        path = Path(path)
-        with atomic_write(path) as handle:
-            fig.savefig(handle, format="png", dpi=100)
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``bench`` command's arguments (for ``onebit bench`` and ``python -m onebit.bench``)."""
+    """The ``bench`` command's arguments (``onebit bench``)."""
     parser.add_argument("--threads", type=int, default=2, help="threads of torch and of the engine (default 2)")
     parser.add_argument("--reps", type=int, help=f"timed calls per measurement (default {FULL.reps}, quick {QUICK.reps})")
     parser.add_argument("--cases", help=f"comma-separated cases to run (default all: {','.join(CASES)})")

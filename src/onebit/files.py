@@ -10,7 +10,7 @@ from typing import IO, Any, Iterator
 
 from .errors import FileWriteError
 
-__all__ = ["atomic_write", "zip_integrity_error"]
+__all__ = ["atomic_write", "save_png", "zip_integrity_error"]
 
 
 class _RecordingFile:
@@ -143,3 +143,15 @@ def zip_integrity_error(path: str | os.PathLike) -> str | None:
     if bad is not None:
         return f"checksum mismatch in record {bad[:80]!r} (corrupt file)"
     return None
+
+
+def save_png(figure: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib ``figure`` to ``path`` as PNG through :func:`atomic_write`; return the path.
+
+    The layout is fitted to the drawn content (``bbox_inches="tight"``), so legends placed
+    beside the axes are kept.
+    """
+    path = Path(path)
+    with atomic_write(path) as handle:
+        figure.savefig(handle, format="png", dpi=100, bbox_inches="tight")
+    return path

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import OnebitError
-from .files import atomic_write
+from .files import atomic_write, save_png
 
 __all__ = [
     "PAPER_RESULTS",
@@ -479,12 +479,9 @@ def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike) -> Path:
         # beside the axes, not on them: a results page easily holds a dozen runs (two lines each)
         entries = len(ax.get_legend_handles_labels()[1])
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + entries // 24)
-        path = Path(path)
-        with atomic_write(path) as handle:
-            fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def build_report(

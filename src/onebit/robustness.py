@@ -1,6 +1,6 @@
 """Robustness of trained checkpoints to input noise and to FGSM adversarial perturbations.
 
-    python -m onebit.robustness runs/bnn/best.pt runs/qnn2/best.pt runs/float/best.pt \\
+    onebit robustness runs/bnn/best.pt runs/qnn2/best.pt runs/float/best.pt \\
         --sigma 0 0.1 0.2 0.5 --epsilon 0 0.01 0.05 0.1 --plot robustness.png --json robustness.json
 
 For every checkpoint, the test-set accuracy
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import ConfigError, ShapeError
-from .files import atomic_write
+from .files import atomic_write, save_png
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the command line can build its parser without it
     import torch
@@ -246,17 +246,14 @@ def plot_robustness(rows: list[dict], path: str | os.PathLike) -> Path:
         axes[0].set_ylabel(f"test accuracy ({data['dataset']}, {data['samples']} samples)")
         axes[1].legend(fontsize="small", loc="best")
         fig.tight_layout()
-        path = Path(path)
-        with atomic_write(path) as handle:
-            fig.savefig(handle, format="png", dpi=100)
+        return save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``robustness`` command's arguments (for ``onebit robustness`` and ``python -m onebit.robustness``)."""
+    """The ``robustness`` command's arguments (``onebit robustness``)."""
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoints (.pt) to compare")
     parser.add_argument("--dataset", "-d", help="dataset (default: the first checkpoint's)")
     parser.add_argument("--data-dir", help="folder holding the dataset files")
