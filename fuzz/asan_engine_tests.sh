@@ -5,6 +5,8 @@
 #   fuzz/asan_engine_tests.sh                 # build/asan, then the default test set
 #   fuzz/asan_engine_tests.sh tests/test_kernels.py -k gemm     # other pytest arguments
 #   ASAN_SKIP_BUILD=1 fuzz/asan_engine_tests.sh ...             # reuse the last build
+#   fuzz/asan_engine_tests.sh --atheris -atheris_runs=20000 build/fuzz-corpus
+#                                                    # the atheris harness instead of pytest
 #
 # How it works
 # - The existing CMakeLists.txt is configured into build/asan with extra flags (nothing in the
@@ -19,8 +21,10 @@
 # - Any ASan/UBSan report aborts the process: pytest then dies with a non-zero status and the
 #   report is in the output (and in build/asan/reports/*).
 #
-# libFuzzer needs clang, which this machine does not have (gcc 12 only), so the fuzzing of
-# the native entry points is Python-driven (Hypothesis, tests/test_fuzz.py) under this build.
+# Compiling the C++ for libFuzzer coverage needs clang (-fsanitize=fuzzer), which this machine
+# does not have (gcc 12 only): the native entry points are fuzzed from Python under this build,
+# by Hypothesis (tests/test_fuzz.py) and by atheris (fuzz/fuzz_onebit_atheris.py, coverage of
+# the Python side of the engine, mutations reaching the kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -60,11 +64,16 @@ if [[ $# -eq 0 ]]; then
 fi
 rm -f "$BUILD"/reports/*
 status=0
-python -m pytest -q -p no:cacheprovider "$@" || status=$?
+if [[ "${1:-}" == "--atheris" ]]; then
+    shift
+    python "$ROOT/fuzz/fuzz_onebit_atheris.py" "$@" || status=$?
+else
+    python -m pytest -q -p no:cacheprovider "$@" || status=$?
+fi
 if compgen -G "$BUILD/reports/*" >/dev/null; then
     echo "sanitizer reports:" >&2
     cat "$BUILD"/reports/* >&2
     status=${status/#0/1}
 fi
-echo "asan_engine_tests: pytest exit status $status"
+echo "asan_engine_tests: exit status $status"
 exit "$status"
