@@ -366,3 +366,16 @@ def test_he_sign_module_and_layer():
     layer = QuantConv2d(6, 4, 3, padding=1, bias=False, weight_quantizer="he_sign")
     assert torch.allclose(layer.quantized_weight().abs(), torch.full((4, 6, 3, 3), (2 / 54) ** 0.5))
 
+
+
+def test_sign_gradient_fast_path_equals_the_mask():
+    """All |x| ≤ 1 (clipped weights) skips building the mask; the gradient must be the same."""
+    from onebit.quantizers import sign
+
+    for x in (torch.linspace(-1, 1, 101), torch.linspace(-2, 2, 101), torch.tensor([float("nan"), 0.5, 3.0]),
+              torch.empty(0)):
+        x = x.clone().requires_grad_(True)
+        grad = torch.arange(x.numel(), dtype=torch.float32) + 1
+        sign(x).backward(grad)
+        expected = grad * ((x.detach() <= 1) & (x.detach() >= -1))
+        torch.testing.assert_close(x.grad, expected)

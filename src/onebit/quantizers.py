@@ -90,6 +90,30 @@ class _Surrogate(torch.autograd.Function):
         return grad * ctx.derivative(x), None, None
 
 
+class _SaturatedSign(torch.autograd.Function):
+    """sign with the saturated straight-through gradient: ``grad · 1[|x| ≤ 1]``.
+
+    When every |x| ≤ 1 — always the case for latent weights clipped to [−1, 1], the largest
+    tensors of a BinaryNet step — the mask is all ones and the gradient passes unchanged; one
+    min/max reduction finds that out without building the mask (a full-size tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor):
+        ctx.save_for_backward(x)
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        if x.numel() == 0:
+            return grad
+        low, high = torch.aminmax(x)
+        if low >= -1 and high <= 1:
+            return grad
+        return grad * _saturated(x)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward ``quantize(x)``, backward ``grad`` unchanged (no clip, no scale); saves nothing."""
 
@@ -124,7 +148,7 @@ def _channel_dims(x: Tensor) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- functions
 def sign(x: Tensor) -> Tensor:
     """±1 with sign(0) = +1; gradient passed straight through where |x| ≤ 1, zero outside."""
-    return _Surrogate.apply(x, _sign, _saturated)
+    return _SaturatedSign.apply(x)
 
 
 def stochastic_sign(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
