@@ -137,6 +137,7 @@ def zip_integrity_error(path: str | os.PathLike) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+    # zipfile raises NotImplementedError for a record with an unknown compression method: a bad file, not a stub
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
             UnicodeDecodeError, RuntimeError, zlib.error) as exc:
         return f"not a valid zip archive ({' '.join(str(exc).split())[:120] or type(exc).__name__})"

@@ -299,19 +299,30 @@ def maxpool_bits(x: np.ndarray, kernel: int | Sequence[int], stride: int | Seque
     return out
 
 
+def _native_matrix(w: Any) -> bool:
+    """Whether ``w`` (which must be a BinaryMatrix) runs on the native path."""
+    if not isinstance(w, BinaryMatrix):
+        raise ShapeError(f"w must be a BinaryMatrix, got {type(w).__name__}")
+    return not _use_numpy and w._nat is not None
+
+
+def _matrix_input(x: Any, w: "BinaryMatrix", dtype: str) -> np.ndarray:
+    """``x`` as a 2-D ``dtype`` array with the matrix's K columns (the numpy path's checks)."""
+    x = _array(x, "x", dtype, 2)
+    if x.shape[1] != w.K:
+        raise ShapeError(f"x has {x.shape[1]} features, the matrix expects K={w.K}")
+    return x
+
+
 def bitplane_gemm(x: np.ndarray, w: "BinaryMatrix", threads: int = 0) -> np.ndarray:
     """uint8[M, K] × BinaryMatrix → int32[M, N] = Σ_k x[m,k]·w[n,k] exactly (w ∈ ±1).
 
     Native: per bit plane b, Σ_k bit_b(x_k)·w_k = popcount(x_b XOR w) − popcount(w).
     """
     threads = _threads(threads)
-    if not isinstance(w, BinaryMatrix):
-        raise ShapeError(f"w must be a BinaryMatrix, got {type(w).__name__}")
-    if not _use_numpy and w._nat is not None:
+    if _native_matrix(w):
         return _native_call(_native.bitplane_gemm, x, w._nat, threads)
-    x = _array(x, "x", "uint8", 2)
-    if x.shape[1] != w.K:
-        raise ShapeError(f"x has {x.shape[1]} features, the matrix expects K={w.K}")
+    x = _matrix_input(x, w, "uint8")
     wpm = np.where(_unpack_bool(w._bits(), w.K), -1.0, 1.0)  # float64: exact below 2^53
     return (x.astype(np.float64) @ wpm.T).astype(np.int32)
 
@@ -323,13 +334,9 @@ def float_gemm_binary(x: np.ndarray, w: "BinaryMatrix", threads: int = 0) -> np.
     at 0.0, adds ``x[m,k]`` (weight bit 0) or ``-x[m,k]`` (weight bit 1) for k = 0 … K−1.
     """
     threads = _threads(threads)
-    if not isinstance(w, BinaryMatrix):
-        raise ShapeError(f"w must be a BinaryMatrix, got {type(w).__name__}")
-    if not _use_numpy and w._nat is not None:
+    if _native_matrix(w):
         return _native_call(_native.float_gemm_binary, x, w._nat, threads)
-    x = _array(x, "x", "float32", 2)
-    if x.shape[1] != w.K:
-        raise ShapeError(f"x has {x.shape[1]} features, the matrix expects K={w.K}")
+    x = _matrix_input(x, w, "float32")
     neg = _unpack_bool(w._bits(), w.K)  # [N, K]
     acc = np.zeros((x.shape[0], w.N), dtype=np.float32)
     for k in range(w.K):  # strictly sequential in k: the documented order
