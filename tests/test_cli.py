@@ -160,19 +160,23 @@ def test_parser_builds_without_torch():
     assert result.returncode == 0, result.stderr
 
 
-def test_train_with_flip_cutout_schedule_args_and_compressed_learning(tmp_path, capsys):
+def test_train_with_crop_flip_cutout_schedule_args_and_compressed_learning(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "float_mlp", "--dataset", "digits", "-m", "hidden=32", "--epochs", "2", "--threads", "1",
-                 "--quiet", "--augment", "--flip", "--cutout", "3", "--compressed", "stochastic",
+                 "--quiet", "--crop-padding", "2", "--flip", "--cutout", "3", "--compressed", "stochastic",
                  "--scheduler", "sgdr", "--scheduler-arg", "t0=1", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["flip"], config["cutout"], config["compressed"]) == (True, 3, "stochastic")
+    assert (config["augment"], config["crop_padding"]) == (True, 2)  # --crop-padding implies --augment
     assert config["scheduler_kwargs"] == {"t0": 1}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(1e-3)  # SGDR restarted after t0 = 1 epoch
     bad = run_cli("train", "float_mlp", "--dataset", "digits", "--epochs", "1", "--scheduler", "sgdr",
                   "--scheduler-arg", "nope=1", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("train", "float_mlp", "--dataset", "digits", "--epochs", "1", "--crop-padding", "-1",
+                  "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "crop padding" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_memory_command_small(capsys):

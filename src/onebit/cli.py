@@ -77,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         scheduler=args.scheduler,
         loss=args.loss,
-        augment=args.augment,
+        augment=True if args.crop_padding else args.augment,
+        crop_padding=args.crop_padding,
         val_fraction=args.val_fraction,
         seed=args.seed,
         threads=args.threads,
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--scheduler-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                        help="schedule argument, e.g. --scheduler-arg t0=2 for sgdr (repeatable)")
     train.add_argument("--augment", action="store_true", default=None, help="random crop with padding")
+    train.add_argument("--crop-padding", type=int, metavar="PX",
+                       help="random crop after padding by PX pixels (implies --augment; default 4, 1 for digits)")
     train.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
     train.add_argument("--cutout", type=int, help="cutout square size in pixels (default 0: none)")
     train.add_argument("--compressed", choices=["stochastic", "mean"],

@@ -72,6 +72,7 @@ TRAIN_KEYS: dict[str, tuple[type, ...]] = {
     "scheduler_kwargs": (dict,),
     "flip": (bool,),
     "cutout": (int,),
+    "crop_padding": (int,),
     "compressed": (str,),
 }
 

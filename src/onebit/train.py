@@ -72,6 +72,7 @@ class TrainConfig:
     scheduler: str = "constant"
     loss: str = "cross_entropy"
     augment: bool = False
+    crop_padding: int | None = None  # random-crop padding when augment is on; None: 4 px (1 px for 8x8 digits)
     val_fraction: float = 0.1
     seed: int = 0
     threads: int | None = None
@@ -94,6 +95,8 @@ class TrainConfig:
             raise OnebitError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise OnebitError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise OnebitError(f"crop padding must be >= 0 pixels, got {self.crop_padding}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise OnebitError(f"learning rate must be a positive number, got {self.lr}")
         if self.amp and self.device == "cpu":
@@ -322,7 +325,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     optimizer = build_optimizer(
         model, config.optimizer, config.lr, weight_decay=config.weight_decay, lr_scaling=config.lr_scaling
     )
-    crop = (4 if full_train.images.shape[-1] >= 28 else 1) if config.augment else 0
+    default_padding = 4 if full_train.images.shape[-1] >= 28 else 1
+    crop = (default_padding if config.crop_padding is None else config.crop_padding) if config.augment else 0
     augment = Augment(crop_padding=crop, flip=config.flip, cutout=config.cutout) if crop or config.flip or config.cutout else None
     train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, augment=augment,
                                rank=context.rank, world_size=context.world_size)
