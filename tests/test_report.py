@@ -150,3 +150,15 @@ def test_seed_groups_mean_and_std(tmp_path):
     mean = sum(errors) / 2
     std = abs(errors[0] - errors[1]) / 2 ** 0.5
     assert f"{mean:.2f} ± {std:.2f}%" in text
+
+
+def test_twin_from_the_same_recipe_is_preferred(tmp_path):
+    def run(name, model, recipe):
+        return report.Run(path=tmp_path / name, result={"test_accuracy": 0.9, "epochs": 4}, config={
+            "model": model, "dataset": "digits"}, history=[], model_kwargs={"hidden": 32, "depth": 1}, recipe=recipe)
+
+    other = run("a_float_other_recipe", "float_mlp", "float_fmnist")
+    same = run("b_float_same_recipe", "float_mlp", "binarynet_fmnist_flip (float twin)")
+    binary = run("binary", "binarynet_mlp", "binarynet_fmnist_flip")
+    report._pair_twins([other, same, binary])
+    assert binary.twin is same  # same epochs, architecture and recipe beat the path order

@@ -271,7 +271,11 @@ def _pair_twins(runs: list[Run]) -> None:
             and architecture(r) == architecture(run)
         ]
         if candidates:
-            candidates.sort(key=lambda r: (r.epochs != run.epochs, abs(r.epochs - run.epochs), str(r.path)))
+            def same_recipe(r: Run) -> bool:
+                return (r.recipe or "").removesuffix(" (float twin)") == (run.recipe or "")
+
+            candidates.sort(key=lambda r: (r.epochs != run.epochs, abs(r.epochs - run.epochs), not same_recipe(r),
+                                           str(r.path)))
             run.twin = candidates[0]
 
 
