@@ -587,6 +587,19 @@ def cnn_file(tmp_path_factory) -> tuple[bytes, np.ndarray, np.ndarray]:
     return path.read_bytes(), x, load(path).predict(x)
 
 
+@pytest.fixture(scope="module")
+def wrn_file(tmp_path_factory) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A residual graph (input/inputs, add, avgpool, pad_channels) as the mutation seed."""
+    from onebit.export import export_model
+    from onebit.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("onebit") / "wrn.onebit"
+    export_model(create_model("wrn_1bit", in_shape=(1, 8, 8), num_classes=3, depth=8, width=0.25).eval(), path)
+    x = np.random.default_rng(3).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
+    return path.read_bytes(), x, load(path).predict(x)
+
+
 def _fuzz_onebit_mutations(tmp_path, cnn_file, edits):
     COUNTS[".onebit (mutated)"] += 1
     good, x, expected = cnn_file
@@ -618,6 +631,19 @@ def test_fuzz_onebit_mutations_long(tmp_path_factory, cnn_file, edits):
     _fuzz_onebit_mutations(tmp_path_factory.mktemp("m"), cnn_file, edits)
 
 
+@fast
+@given(edits=EDITS)
+def test_fuzz_onebit_residual_mutations(tmp_path_factory, wrn_file, edits):
+    _fuzz_onebit_mutations(tmp_path_factory.mktemp("m"), wrn_file, edits)
+
+
+@pytest.mark.slow
+@slow
+@given(edits=EDITS)
+def test_fuzz_onebit_residual_mutations_long(tmp_path_factory, wrn_file, edits):
+    _fuzz_onebit_mutations(tmp_path_factory.mktemp("m"), wrn_file, edits)
+
+
 # ---- graphs generated from scratch, written with valid checksums (what an attacker can do)
 _HOSTILE_INT = st.sampled_from([0, -1, 2**31 - 1, 2**31, 10**6, 65, 64, True])
 
@@ -636,7 +662,9 @@ def graphs(draw):
     spatial = draw(st.booleans())
     input_shape = [draw(st.integers(1, 70))] if not spatial else [draw(st.integers(1, 5)), draw(st.integers(1, 7)), draw(st.integers(1, 7))]
     value = ["float", (input_shape[1], input_shape[2], input_shape[0]) if spatial else (input_shape[0],), False]
+    model_input = tuple(value)
     layers, tensors = [], {}
+    history = []  # (kind, shape, scaled) of each layer's output: partners for add
 
     def words(bits):
         return -(-bits // 64)
@@ -707,13 +735,15 @@ def graphs(draw):
         ho, wo = (ho if 0 < ho <= 64 else 1), (wo if 0 < wo <= 64 else 1)
         value[:] = ["int" if value[0] == "bits" else "float", (ho, wo, out_n), value[2]]
 
-    def maxpool():
+    def pool(op):
         h, w, c = value[1] if len(value[1]) == 3 else (1, 1, value[1][0])
         kh, kw = _small(draw, 1, min(h, 3), chaos), _small(draw, 1, min(w, 3), chaos)
         sh, sw = _small(draw, 1, 3, chaos), _small(draw, 1, 3, chaos)
         ph = draw(st.integers(0, kh // 2)) if not chaos else _small(draw, 1, 2, chaos) - 1
         pw = draw(st.integers(0, kw // 2)) if not chaos else _small(draw, 1, 2, chaos) - 1
-        add("maxpool", {"kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw]})
+        add(op, {"kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw]})
+        if op == "avgpool":
+            value[:] = ["float", value[1], False]
         try:
             ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         except (TypeError, ZeroDivisionError):
@@ -732,8 +762,11 @@ def graphs(draw):
             choices += ["affine"] + ([] if scaled else ["threshold"])
         if spatial_now:
             choices += ["maxpool"]
+        if kind == "float" and not scaled:
+            choices += ["add"] + (["avgpool", "pad_channels"] if spatial_now else [])
         if chaos and draw(st.integers(0, 4)) == 0:  # an op that does not fit
-            choices = ["flatten", "binarize", "threshold", "affine", "conv_binary", "dense_binary", "maxpool", "clamp", "softmax"]
+            choices = ["flatten", "binarize", "threshold", "affine", "conv_binary", "dense_binary", "maxpool", "clamp",
+                       "avgpool", "pad_channels", "add", "softmax"]
         op = draw(st.sampled_from(choices))
         c = shape[-1]
         if op == "flatten":
@@ -756,10 +789,25 @@ def graphs(draw):
             dense(binary=op != "dense_float")
         elif op in ("conv_float", "conv_real_binary", "conv_binary"):
             conv(binary=op != "conv_float")
-        elif op == "maxpool":
-            maxpool()
+        elif op in ("maxpool", "avgpool"):
+            pool(op)
+        elif op == "pad_channels":
+            extra = _small(draw, 1, 3, chaos)
+            add("pad_channels", {"extra": extra})
+            if len(shape) == 3:
+                value[1] = shape[:2] + (c + (extra if type(extra) is int and 0 < extra < 9 else 1),)
+        elif op == "add":  # a residual connection: the value plus an earlier one like it (or, chaotic, any)
+            partners = [i for i, seen in enumerate(history) if seen == tuple(value)]
+            partners += [-1] if model_input == tuple(value) else []
+            wild = chaos and draw(st.integers(0, 3)) == 0
+            partner = draw(st.integers(-3, len(layers) + 1)) if wild or not partners else draw(st.sampled_from(partners))
+            layers.append({"op": "add", "name": f"l{len(layers)}", "params": {}, "tensors": {},
+                           "inputs": [len(layers) - 1, partner]})
         else:
             add(op)
+        if chaos and op != "add" and draw(st.integers(0, 9)) == 0:  # read some other value, maybe none that exists
+            layers[-1]["input"] = draw(st.integers(-3, len(layers)))
+        history.append(tuple(value))
     # finish with float logits
     classes = draw(st.integers(1, 5))
     if len(value[1]) == 3:

@@ -8,10 +8,12 @@ from torch import nn
 from onebit.errors import OnebitError, ShapeError, UnknownNameError
 from onebit.layers import QuantAct, QuantConv2d, QuantLinear
 from onebit.models import MODELS, create_model, list_models
+from onebit.models.wrn import Downsample, PreActBlock
 
 ALLOWED = (
     nn.Sequential, nn.Flatten, nn.Dropout, QuantLinear, QuantConv2d, nn.BatchNorm1d, nn.BatchNorm2d,
-    nn.MaxPool2d, QuantAct, nn.Hardtanh, nn.ReLU, nn.Identity,
+    nn.MaxPool2d, QuantAct, nn.Hardtanh, nn.ReLU, nn.Identity, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    PreActBlock, Downsample,
 )
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
@@ -73,7 +75,7 @@ def test_only_exportable_module_types(name):
     def walk(module: nn.Module, path: str) -> None:
         for child_name, child in module.named_children():
             assert isinstance(child, ALLOWED), f"{path}.{child_name}: {type(child).__name__}"
-            if isinstance(child, nn.Sequential):
+            if isinstance(child, (nn.Sequential, PreActBlock, Downsample)):
                 walk(child, f"{path}.{child_name}")
 
     walk(model, name)

@@ -8,7 +8,7 @@
     result = run_benchmark(threads=2, cases=["gemm", "e2e"], quick=True)
     print(format_table(result))
 
-Cases (``--cases``, default all; ``--quick`` shrinks every shape):
+Cases (``--cases``, default all but ``wrn``; ``--quick`` shrinks every shape):
 
 * ``gemm``: bare binary GEMM, M ∈ {1, 16, 64, 256} with K = N = 4096, and M ∈ {1, 64} with
   K = 784, N = 4096. Engine: :meth:`BinaryMatrix.gemm` (``int32`` dot products) and
@@ -29,6 +29,14 @@ Cases (``--cases``, default all; ``--quick`` shrinks every shape):
   times the model as trained, which re-binarizes its latent weights on every call). The
   engine's classes must equal torch's argmax on the timed input (``agreement``).
 * ``size``: the float32 ``state_dict`` saved with safetensors against the ``.onebit`` file.
+* ``wrn`` (only on request: seconds per call): ``wrn_1bit`` WRN-20-4 on 1×28×28 (quick:
+  WRN-8-0.25), McDonnell's 1-bit-weight Wide ResNet, whose activations stay real: every
+  convolution is float input × ±1 weights (im2col and ``float_gemm_binary``, one float32 add per
+  weight) where torch runs float32 convolutions. BatchNorm statistics measured on random
+  pixel images in train mode (:func:`calibrate_batchnorm`). ``predict`` at the ``e2e`` batch
+  sizes against ``model(x)`` (weights binarized once), as ``e2e`` times them, and the file
+  sizes as ``size`` measures them. GOPS counts 2 float ops per real × ±1 multiply-add (the
+  popcount limit and peak do not apply: ``pct_limit`` and ``pct_peak`` are null).
 
 Every engine case runs on every kernel path of ``--paths`` (default: all native paths of
 this CPU, e.g. avx512, avx2, portable; ``numpy`` on request). Torch runs under
@@ -36,9 +44,9 @@ this CPU, e.g. avx512, avx2, portable; ``numpy`` on request). Torch runs under
 ``threads=threads``. A time is the median of at least ``--reps`` calls after warm-up, on the
 same input every call (cache-warm, as in serving); the JSON also keeps the minima.
 
-Definitions: one bit pair (XNOR + popcount-accumulate of one weight bit with one activation
-bit) counts as 2 binary ops, as a multiply-add counts as 2 FLOPs, so GEMM ops = 2·M·N·K
-(conv: M = B·Ho·Wo, K = 9·C; end to end: 2 × the binary MACs of
+Definitions (``wrn`` aside): one bit pair (XNOR + popcount-accumulate of one weight bit with
+one activation bit) counts as 2 binary ops, as a multiply-add counts as 2 FLOPs, so GEMM
+ops = 2·M·N·K (conv: M = B·Ho·Wo, K = 9·C; end to end: 2 × the binary MACs of
 :func:`onebit.summary.summarize`, the first layer's real-input MACs not counted). GOPS =
 binary ops / engine time. The limit is ``threads × clock × 512`` bit pairs per second (one
 512-bit XOR + VPOPCNTQ per core per cycle; the clock measured by a chain of dependent adds,
@@ -73,12 +81,14 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that the command lin
 
 __all__ = [
     "CASES",
+    "DEFAULT_CASES",
     "FULL",
     "OPS_PER_BIT_PAIR",
     "QUICK",
     "Plan",
     "Timing",
     "add_arguments",
+    "calibrate_batchnorm",
     "environment",
     "format_table",
     "median_time",
@@ -89,8 +99,11 @@ __all__ = [
     "write_json",
 ]
 
-CASES = ("gemm", "conv", "e2e", "size")
+CASES = ("gemm", "conv", "e2e", "size", "wrn")
+#: the cases a run without ``cases`` runs: not ``wrn``, whose float convolutions take seconds per call
+DEFAULT_CASES = ("gemm", "conv", "e2e", "size")
 _LEVELS = 255  # end-to-end inputs: 8-bit pixels, as the image datasets have
+_WRN_SHAPE = (1, 28, 28)
 #: binary ops per bit pair: the XNOR and the popcount-accumulate (a float multiply-add is 2 FLOPs)
 OPS_PER_BIT_PAIR = 2
 BITS_PER_CYCLE = 512  # one 512-bit VPOPCNTQ (and XOR) per core per cycle
@@ -109,6 +122,8 @@ class Plan:
     e2e_batches: tuple[int, ...]
     mlp_hidden: int
     cnn_width: float
+    wrn_depth: int
+    wrn_width: float
     reps: int
     warmup: int
     min_seconds: float  # fast calls repeat until this much time has passed (at most 50 × reps)
@@ -117,12 +132,12 @@ class Plan:
 FULL = Plan(
     gemm=((1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096), (1, 784, 4096), (64, 784, 4096)),
     conv_channels=256, conv_pixels=16, conv_batches=(1, 64), e2e_batches=(1, 64),
-    mlp_hidden=4096, cnn_width=1.0, reps=15, warmup=2, min_seconds=0.2,
+    mlp_hidden=4096, cnn_width=1.0, wrn_depth=20, wrn_width=4.0, reps=15, warmup=2, min_seconds=0.2,
 )
 QUICK = Plan(
     gemm=((1, 1024, 1024), (64, 1024, 1024), (1, 784, 1024)),
     conv_channels=64, conv_pixels=8, conv_batches=(1, 4), e2e_batches=(1, 8),
-    mlp_hidden=256, cnn_width=0.125, reps=3, warmup=1, min_seconds=0.0,
+    mlp_hidden=256, cnn_width=0.125, wrn_depth=8, wrn_width=0.25, reps=3, warmup=1, min_seconds=0.0,
 )
 
 
@@ -224,6 +239,33 @@ def randomize_batchnorm(model: nn.Module, generator=None) -> None:
                 module.bias.copy_(torch.randn(n, generator=generator) / 2)
 
 
+def calibrate_batchnorm(model: nn.Module, generator=None, batches: int = 4, batch_size: int = 32) -> None:
+    """Running statistics of every BatchNorm of ``model`` measured in train mode on random
+    8-bit pixel images (as the training pipeline maps them): the average over ``batches``
+    batches. For real-valued activations (the WRN), where each BN must follow the scale of the
+    layer before it; the learned scale and offset, if any, stay. Leaves ``model`` in eval mode."""
+    import torch
+    from torch import nn
+
+    from .data import to_float
+
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    try:
+        with torch.no_grad():
+            for _ in range(batches):
+                pixels = torch.randint(0, _LEVELS + 1, (batch_size, *model.in_shape), generator=generator, dtype=torch.uint8)
+                model(to_float(pixels, _LEVELS))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
 def _binarize_weights_once(model: nn.Module) -> None:
     """Replace every quantized layer's latent weight by its quantized value and drop the weight
     quantizer: the same outputs, without re-binarizing the weights on every call."""
@@ -246,7 +288,8 @@ class _Prepared:
     model: Any  # nn.Module, eval mode, BN randomized
     onebit: Path
     safetensors: Path
-    binary_macs: int  # per sample
+    ops: int  # per sample: 2 per binary MAC (the first layer's real-input ones not counted); wrn: 2 per MAC
+    binary: bool  # whether ops are binary ones (the popcount limit and peak apply)
 
 
 def _prepare_model(name: str, kwargs: dict, folder: Path, seed: int) -> _Prepared:
@@ -260,17 +303,26 @@ def _prepare_model(name: str, kwargs: dict, folder: Path, seed: int) -> _Prepare
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's generator
         torch.manual_seed(seed)
         model = create_model(name, **kwargs)
-    randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    binary = name != "wrn_1bit"
+    if binary:
+        randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    else:
+        calibrate_batchnorm(model, torch.Generator().manual_seed(seed))
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / f"{name}.safetensors"))
     export_model(model, folder / f"{name}.onebit", source={"name": name, "kwargs": kwargs}, input_levels=_LEVELS)
+    shape = "x".join(map(str, model.in_shape))
     if name == "binarynet_mlp":
         label = f"{name} {math.prod(model.in_shape)}-3x{kwargs['hidden']}-{model.num_classes}"
+    elif name == "wrn_1bit":
+        label = f"{name} WRN-{kwargs['depth']}-{kwargs['width']:g} {shape}"
     else:
-        label = f"{name} width={kwargs['width']:g} {'x'.join(map(str, model.in_shape))}"
+        label = f"{name} width={kwargs['width']:g} {shape}"
+    summary = summarize(model)
+    ops = OPS_PER_BIT_PAIR * summary.binary_macs if binary else 2 * summary.macs  # wrn: a float MAC is 2 ops
     return _Prepared(name, label, kwargs, model, folder / f"{name}.onebit", folder / f"{name}.safetensors",
-                     summarize(model).binary_macs)
+                     ops, binary)
 
 
 # --------------------------------------------------------------------------- the run
@@ -307,26 +359,26 @@ def run_benchmark(
 ) -> dict:
     """Run the benchmark and return its results (JSON-serializable).
 
-    ``cases``: names of :data:`CASES` (list or comma-separated; default all). ``paths``: kernel
-    paths of :func:`onebit.engine.kernels.available_paths` (default: every native one, numpy
-    where there is none). ``quick`` uses :data:`QUICK`'s small shapes, otherwise :data:`FULL`;
-    ``reps``, ``cnn_width`` and ``mlp_hidden`` override the plan's. ``progress`` writes one line
-    per measurement to stderr.
+    ``cases``: names of :data:`CASES` (list or comma-separated; default :data:`DEFAULT_CASES`,
+    all but ``wrn``). ``paths``: kernel paths of :func:`onebit.engine.kernels.available_paths`
+    (default: every native one, numpy where there is none). ``quick`` uses :data:`QUICK`'s
+    small shapes, otherwise :data:`FULL`; ``reps``, ``cnn_width`` and ``mlp_hidden`` override
+    the plan's. ``progress`` writes one line per measurement to stderr.
 
     Returns ``{"environment", "settings", "results": [one row per case × mode × path],
     "sizes": [one row per model]}``; a row holds ``case``, ``name``, ``mode``, ``path``,
     ``batch``, ``engine_ms``, ``torch_ms`` (medians), their minima, ``speedup`` (torch/engine),
-    ``speedup_min``, ``gops``, ``pct_limit``, ``pct_peak``, and for ``e2e`` ``model``,
-    ``torch_latent_ms``, ``engine_offgrid_ms`` and ``engine_offgrid_min_ms`` (the engine on
-    off-grid input: the float path of the first layer), ``agreement`` (share of equal
-    classes), ``predictions_equal``.
+    ``speedup_min``, ``gops``, ``pct_limit``, ``pct_peak``, and for ``e2e`` and ``wrn``
+    ``model``, ``torch_latent_ms``, ``agreement`` (share of equal classes),
+    ``predictions_equal``, for ``e2e`` also ``engine_offgrid_ms`` and ``engine_offgrid_min_ms``
+    (the engine on off-grid input: the float path of the first layer).
     Bad options raise :class:`~onebit.errors.ConfigError` or
     :class:`~onebit.errors.UnknownNameError` before anything runs.
     """
     threads = _positive_int("threads", threads)
     plan = QUICK if quick else FULL
     reps = plan.reps if reps is None else _positive_int("reps", reps)
-    cases = _names(cases, CASES, "case") or list(CASES)
+    cases = _names(cases, CASES, "case") or list(DEFAULT_CASES)
     native_paths = [p for p in kernels.available_paths() if p != "numpy"]
     paths = _names(paths, kernels.available_paths(), "kernel path") or native_paths or ["numpy"]
     cnn_width = plan.cnn_width if cnn_width is None else cnn_width
@@ -355,6 +407,8 @@ def run_benchmark(
             bench.conv()
         if "e2e" in cases or "size" in cases:
             bench.models(cnn_width, mlp_hidden, timing="e2e" in cases, sizes="size" in cases)
+        if "wrn" in cases:
+            bench.wrn()
         env["loadavg_end"] = _load_average()
     finally:
         torch.set_num_threads(previous_threads)
@@ -386,7 +440,7 @@ class _Bench:
             return self.time(fn)
 
     def record(self, case: str, name: str, mode: str, path: str, batch: int, engine: Timing, torch_: Timing,
-               ops: float, **extra: Any) -> None:
+               ops: float, binary: bool = True, **extra: Any) -> None:
         gops = ops / engine.median_ms / 1e6
         row = {
             "case": case, "name": name, "mode": mode, "path": path, "batch": batch,
@@ -394,8 +448,8 @@ class _Bench:
             "engine_min_ms": engine.min_ms, "torch_min_ms": torch_.min_ms,
             "speedup": torch_.median_ms / engine.median_ms, "speedup_min": torch_.min_ms / engine.min_ms,
             "gops": gops,
-            "pct_limit": 100 * gops / self.limit if self.limit else None,
-            "pct_peak": 100 * gops / self.peak if self.peak else None,
+            "pct_limit": 100 * gops / self.limit if self.limit and binary else None,
+            "pct_peak": 100 * gops / self.peak if self.peak and binary else None,
             **extra,
         }
         self.rows.append(row)
@@ -465,6 +519,15 @@ class _Bench:
                 if timing:
                     self.end_to_end(prepared, load(prepared.onebit, threads=self.threads))
 
+    def wrn(self) -> None:
+        from .engine import load
+
+        kwargs = {"in_shape": list(_WRN_SHAPE), "depth": self.plan.wrn_depth, "width": self.plan.wrn_width}
+        with tempfile.TemporaryDirectory(prefix="onebit-bench-") as tmp:
+            prepared = _prepare_model("wrn_1bit", kwargs, Path(tmp), self.seed)
+            self.size(prepared)
+            self.end_to_end(prepared, load(prepared.onebit, threads=self.threads), case="wrn")
+
     def size(self, prepared: _Prepared) -> None:
         float_bytes, onebit_bytes = prepared.safetensors.stat().st_size, prepared.onebit.stat().st_size
         row = {"model": prepared.name, "name": prepared.label, "kwargs": prepared.kwargs,
@@ -474,7 +537,7 @@ class _Bench:
         self.sizes.append(row)
         self.say(f"{prepared.label}: float32 {float_bytes:,} B, .onebit {onebit_bytes:,} B, {row['ratio']:.1f}x")
 
-    def end_to_end(self, prepared: _Prepared, engine) -> None:
+    def end_to_end(self, prepared: _Prepared, engine, case: str = "e2e") -> None:
         import torch
 
         from .data import to_float
@@ -493,16 +556,18 @@ class _Bench:
             reference = self.time_torch(lambda: model(x))
             xn = x.numpy()
             name = f"{prepared.label} B={B}"
-            ops = OPS_PER_BIT_PAIR * prepared.binary_macs * B
             off_grid = np.nextafter(xn, np.float32(2))  # one float32 step up: no longer pixel values
             for path in self.paths:
                 kernels.set_path(path)
                 t = self.time(lambda: engine.predict(xn))
-                t_off = self.time(lambda: engine.predict(off_grid))
+                offgrid = {}
+                if case == "e2e":  # (the WRN has no pixel path: its first op is the input BN)
+                    t_off = self.time(lambda: engine.predict(off_grid))
+                    offgrid = {"engine_offgrid_ms": t_off.median_ms, "engine_offgrid_min_ms": t_off.min_ms}
                 agreement = float(np.mean(engine.classify(xn) == expected[B]))
-                self.record("e2e", name, "predict", path, B, t, reference, ops, model=prepared.name,
-                            shape={"B": B, "input": list(model.in_shape)}, torch_latent_ms=latent[B].median_ms,
-                            engine_offgrid_ms=t_off.median_ms, engine_offgrid_min_ms=t_off.min_ms,
+                self.record(case, name, "predict", path, B, t, reference, prepared.ops * B, prepared.binary,
+                            model=prepared.name, shape={"B": B, "input": list(model.in_shape)},
+                            torch_latent_ms=latent[B].median_ms, **offgrid,
                             agreement=agreement, predictions_equal=agreement == 1.0)
 
 
@@ -563,10 +628,10 @@ def plot_speedups(result: dict, path: str | os.PathLike) -> Path:
     from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
     panels = []
-    for case, title, xlabel in (("gemm", "binary GEMM (int32 out)", "M (batch rows)"),
-                                ("conv", "conv 3x3 (int32 out)", "batch"),
-                                ("e2e", "end to end (predict)", "batch")):
-        rows = [r for r in result["results"] if r["case"] == case and r["mode"] in ("int32", "predict")]
+    for cases, title, xlabel in ((("gemm",), "binary GEMM (int32 out)", "M (batch rows)"),
+                                 (("conv",), "conv 3x3 (int32 out)", "batch"),
+                                 (("e2e", "wrn"), "end to end (predict)", "batch")):
+        rows = [r for r in result["results"] if r["case"] in cases and r["mode"] in ("int32", "predict")]
         if rows:
             panels.append((title, xlabel, rows))
     if not panels:
@@ -609,7 +674,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``bench`` command's arguments (``onebit bench``)."""
     parser.add_argument("--threads", type=int, default=2, help="threads of torch and of the engine (default 2)")
     parser.add_argument("--reps", type=int, help=f"timed calls per measurement (default {FULL.reps}, quick {QUICK.reps})")
-    parser.add_argument("--cases", help=f"comma-separated cases to run (default all: {','.join(CASES)})")
+    parser.add_argument("--cases", help=f"comma-separated cases to run, of {','.join(CASES)} "
+                                        f"(default {','.join(DEFAULT_CASES)})")
     parser.add_argument("--paths", help="comma-separated kernel paths (default: every native path of this CPU)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions: a smoke test of seconds")
     parser.add_argument("--cnn-width", type=float,

@@ -9,10 +9,14 @@ bits), or to ONNX (the float simulation of the binarized network).
 
 The model is walked as a flat list of leaf modules (nested ``nn.Sequential`` are flattened).
 Each quantized layer becomes a ``dense``/``conv`` op; what follows it up to the next
-binarization (bias, XNOR α, max-pool, BatchNorm, Hardtanh, ReLU, dropout) is folded either
-into a per-channel ``threshold`` (the next layer binarizes: sign(BN(...)) becomes ``s·d ≥ t``)
-or into ``affine``/``clamp`` ops (the value stays real: logits, real activations, XNOR-Net's
-per-sample scale). Thresholds are decided by evaluating the model's own modules (in torch
+binarization (bias, XNOR α, a ``he_sign`` layer's fixed scale, max-pool, BatchNorm, Hardtanh,
+ReLU, dropout) is folded either into a per-channel ``threshold`` (the next layer binarizes:
+sign(BN(...)) becomes ``s·d ≥ t``) or into ``affine``/``clamp`` ops (the value stays real:
+logits, real activations, XNOR-Net's per-sample scale). The residual blocks of
+:mod:`onebit.models.wrn` (:class:`~onebit.models.wrn.PreActBlock`: ``unit2(unit1(x)) +
+shortcut(x)``) become both branches, each reading the real-valued x, and an ``add``;
+average pooling and a :class:`~onebit.models.wrn.Downsample` shortcut become ``avgpool``
+(and ``pad_channels``). Thresholds are decided by evaluating the model's own modules (in torch
 float32, eval mode) at candidate pre-activations, so the engine's bits are those PyTorch
 computes. ``input_levels`` (the dataset's pixel range, from a checkpoint's training config)
 lets the engine run the first layer exactly on integer pixels. The derivation, the
@@ -29,18 +33,21 @@ import torch
 from torch import nn
 
 from .engine import kernels
-from .engine.format import read_model, write_model
+from .engine.format import MODEL_INPUT, read_model, write_model
 from .errors import OnebitError
 from .files import atomic_write
 from .layers import QuantAct, QuantConv2d, QuantLinear
+from .models.wrn import Downsample, PreActBlock
 from .quantizers import (
     ApproxSign,
+    HeSign,
     IdentityQuantizer,
     KBit,
     ScaledSign,
     SteSign,
     StochasticSign,
     SwishSign,
+    he_constant,
 )
 
 __all__ = [
@@ -57,6 +64,8 @@ __all__ = [
 SIGN_QUANTIZERS = (SteSign, ApproxSign, SwishSign, StochasticSign)
 _ELEMENTWISE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Hardtanh)
 _PASS = (nn.Identity, nn.Dropout)
+#: modules with children that the builder takes whole
+_UNITS = (QuantLinear, QuantConv2d, QuantAct, PreActBlock, Downsample)
 
 
 class ExportError(OnebitError, ValueError):
@@ -76,14 +85,16 @@ def _sign_negative(w: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- module walk
-def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(name, module) of the layers of ``model`` in order; the builder walks a residual block's
+    branches itself."""
     out: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, module: nn.Module) -> None:
         if isinstance(module, nn.Sequential):
             for name, child in module.named_children():
                 walk(f"{prefix}.{name}" if prefix else name, child)
-        elif isinstance(module, (QuantLinear, QuantConv2d, QuantAct)) or not list(module.children()):
+        elif isinstance(module, _UNITS) or not list(module.children()):
             out.append((prefix or type(module).__name__, module))
         else:
             raise ExportError(
@@ -91,7 +102,7 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 "containers of layers are understood"
             )
 
-    walk("", model)
+    walk(prefix, model)
     return out
 
 
@@ -121,6 +132,8 @@ def _weights(layer: QuantLinear | QuantConv2d, where: str) -> tuple[torch.Tensor
         return signs, alpha.reshape(-1), "binary"
     if isinstance(q, KBit) and q.bits == 1 and q.mode == "weight":  # DoReFa 1-bit: E|W|·sign(W)
         return signs, weight.abs().mean().expand(weight.shape[0]).clone(), "binary"
+    if isinstance(q, HeSign):  # McDonnell: sign(W)·sqrt(2 / fan_in), as float32 as torch multiplies it
+        return signs, torch.full((weight.shape[0],), he_constant(weight.shape)), "binary"
     name = getattr(q, "name", type(q).__name__)
     raise ExportError(f"{where}: weight quantizer {name!r} cannot run on the binary engine")
 
@@ -217,16 +230,25 @@ class _Builder:
         self.perm: np.ndarray | None = None  # flat values: torch feature index of each engine position
         self.scaled = False
         self.pending: _Pending | None = None
+        self.source = MODEL_INPUT  # the value the next op reads: an emitted layer's index
 
     # ---- emission
-    def emit(self, op: str, name: str, params: dict | None = None, **tensors: np.ndarray) -> None:
+    def emit(self, op: str, name: str, params: dict | None = None, inputs: tuple[int, int] | None = None,
+             **tensors: np.ndarray) -> None:
+        """Append an op reading ``self.source`` (``add``: ``inputs``); it becomes the source."""
         index = len(self.layers)
         names = {}
         for role, array in tensors.items():
             key = f"layers.{index}.{role}"
             self.tensors[key] = array
             names[role] = key
-        self.layers.append({"op": op, "name": name, "params": params or {}, "tensors": names})
+        layer = {"op": op, "name": name, "params": params or {}, "tensors": names}
+        if inputs is not None:
+            layer["inputs"] = list(inputs)
+        elif self.source != index - 1:  # sequential graphs stay as they were: no "input" field
+            layer["input"] = self.source
+        self.layers.append(layer)
+        self.source = index
 
     def to_engine(self, per_feature: np.ndarray) -> np.ndarray:
         """Per-feature parameters in torch order → the engine's last-axis order."""
@@ -323,8 +345,9 @@ class _Builder:
         self.kind, self.scaled = "float", False
 
     # ---- lookahead
-    def next_consumer(self, index: int) -> str:
-        for where, module in self.leaves[index + 1:]:
+    def next_consumer(self, rest: list[tuple[str, nn.Module]]) -> str:
+        """What the first of the following layers ``rest`` that reads the value needs."""
+        for where, module in rest:
             if isinstance(module, _PASS + (nn.MaxPool2d, nn.Flatten)):
                 continue
             if isinstance(module, (QuantLinear, QuantConv2d)):
@@ -408,7 +431,7 @@ class _Builder:
             self.pending = _Pending(where, "float", self.shape, 0)  # parameters stay in torch order
         self.pending.chain.append((where, module))
 
-    def maxpool(self, index: int, where: str, module: nn.MaxPool2d) -> None:
+    def maxpool(self, rest: list[tuple[str, nn.Module]], where: str, module: nn.MaxPool2d) -> None:
         if len(self.shape) != 3:
             raise ExportError(f"{where}: max-pooling needs a (C, H, W) input, gets {self.shape}")
         if module.ceil_mode or module.return_indices or _pair(module.dilation) != (1, 1):
@@ -417,7 +440,7 @@ class _Builder:
         sh, sw = _pair(module.stride if module.stride is not None else module.kernel_size)
         ph, pw = _pair(module.padding)
         if self.pending is not None and self.pending.chain:
-            consumer = self.next_consumer(index)
+            consumer = self.next_consumer(rest)
             # sign is monotone, so sign(max(y)) = max(sign(y)): threshold first, pool the bits
             self.resolve("sign" if consumer == "sign" and not self.pending.scaled else "float")
         # an empty chain: pooling z = α·v + b (α ≥ 0, β > 0) is pooling v, exactly
@@ -427,13 +450,13 @@ class _Builder:
         if self.pending is not None:
             self.pending.shape = self.shape
 
-    def flatten(self, index: int, where: str, module: nn.Flatten) -> None:
+    def flatten(self, rest: list[tuple[str, nn.Module]], where: str, module: nn.Flatten) -> None:
         if module.start_dim != 1 or module.end_dim != -1:
             raise ExportError(f"{where}: only Flatten(start_dim=1, end_dim=-1) is supported")
         if len(self.shape) == 1:
             return
         if self.pending is not None and self.pending.chain:
-            consumer = self.next_consumer(index)
+            consumer = self.next_consumer(rest)
             self.resolve("sign" if consumer == "sign" and not self.pending.scaled else "float")
         self.emit("flatten", where)
         c, h, w = self.shape
@@ -448,8 +471,72 @@ class _Builder:
             if pending.bias is not None:
                 pending.bias = pending.bias.repeat_interleave(h * w)
 
-    def build(self) -> tuple[list[dict], int]:
-        for index, (where, module) in enumerate(self.leaves):
+    def average_pool(self, where: str, kernel: tuple[int, int], stride: tuple[int, int],
+                     padding: tuple[int, int]) -> None:
+        """An ``avgpool`` (padding not counted) of the real value: what is pending is applied first."""
+        if len(self.shape) != 3:
+            raise ExportError(f"{where}: average pooling needs a (C, H, W) input, gets {self.shape}")
+        self.resolve("float")
+        if self.kind != "float" or self.scaled:
+            raise ExportError(f"{where}: average pooling of binarized values is not supported")
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        self.emit("avgpool", where, {"kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw]})
+        c, h, w = self.shape
+        self.shape = (c, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+
+    def avgpool(self, where: str, module: nn.AvgPool2d) -> None:
+        padding = _pair(module.padding)
+        if module.ceil_mode or module.divisor_override is not None:
+            raise ExportError(f"{where}: average pooling with ceil_mode or divisor_override is not supported")
+        if module.count_include_pad and padding != (0, 0):
+            raise ExportError(f"{where}: average pooling that counts the padding is not supported "
+                              "(count_include_pad=False only)")
+        kernel = _pair(module.kernel_size)
+        self.average_pool(where, kernel, _pair(module.stride if module.stride is not None else kernel), padding)
+
+    def global_avgpool(self, where: str, module: nn.AdaptiveAvgPool2d) -> None:
+        size = module.output_size
+        if ((size, size) if isinstance(size, int) else tuple(size)) != (1, 1):
+            raise ExportError(f"{where}: adaptive average pooling to {size} is not supported (output size 1 only)")
+        if len(self.shape) != 3:
+            raise ExportError(f"{where}: average pooling needs a (C, H, W) input, gets {self.shape}")
+        self.average_pool(where, self.shape[1:], (1, 1), (0, 0))
+
+    def downsample(self, where: str, module: Downsample) -> None:
+        self.avgpool(f"{where}.pool", module.pool)
+        if module.extra_channels:
+            self.emit("pad_channels", where, {"extra": module.extra_channels})
+            c, h, w = self.shape
+            self.shape = (c + module.extra_channels, h, w)
+
+    def residual(self, where: str, block: PreActBlock) -> None:
+        """``unit2(unit1(x)) + shortcut(x)``: x becomes a real value that both branches read,
+        each branch ends real, and an ``add`` joins them."""
+        self.resolve("float")
+        if self.kind != "float" or self.scaled or len(self.shape) != 3:
+            raise ExportError(f"{where}: a residual block needs a real (C, H, W) input, gets a {self.kind} value "
+                              f"of shape {self.shape}")
+        entry = self.source, self.shape
+        units = _leaves(block.unit1, f"{where}.unit1") + _leaves(block.unit2, f"{where}.unit2")
+        main, main_shape = self.branch(where, units, *entry)
+        shortcut, shortcut_shape = self.branch(where, _leaves(block.shortcut, f"{where}.shortcut"), *entry)
+        if main_shape != shortcut_shape:
+            raise ExportError(f"{where}: the residual branches end in shapes {main_shape} and {shortcut_shape}")
+        self.emit("add", where, inputs=(main, shortcut))
+
+    def branch(self, where: str, leaves: list[tuple[str, nn.Module]], source: int,
+               shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """Walk a residual block's branch from the real value ``source``: (its real output, its shape)."""
+        self.kind, self.scaled, self.source, self.shape = "float", False, source, shape
+        self.walk(leaves)
+        self.resolve("float")
+        if self.kind != "float" or self.scaled:
+            raise ExportError(f"{where}: a residual branch must end in a real value, not in {self.kind}")
+        return self.source, self.shape
+
+    def walk(self, leaves: list[tuple[str, nn.Module]]) -> None:
+        for position, (where, module) in enumerate(leaves):
+            rest = leaves[position + 1:]
             if isinstance(module, _PASS):
                 continue
             if isinstance(module, (QuantLinear, QuantConv2d)):
@@ -459,11 +546,22 @@ class _Builder:
             elif isinstance(module, _ELEMENTWISE):
                 self.elementwise(where, module)
             elif isinstance(module, nn.MaxPool2d):
-                self.maxpool(index, where, module)
+                self.maxpool(rest, where, module)
             elif isinstance(module, nn.Flatten):
-                self.flatten(index, where, module)
+                self.flatten(rest, where, module)
+            elif isinstance(module, nn.AvgPool2d):
+                self.avgpool(where, module)
+            elif isinstance(module, nn.AdaptiveAvgPool2d):
+                self.global_avgpool(where, module)
+            elif isinstance(module, Downsample):
+                self.downsample(where, module)
+            elif isinstance(module, PreActBlock):
+                self.residual(where, module)
             else:
                 raise ExportError(f"{where}: {type(module).__name__} is not supported by the exporter")
+
+    def build(self) -> tuple[list[dict], int]:
+        self.walk(self.leaves)
         self.resolve("end")
         if self.kind != "float" or len(self.shape) != 1:
             raise ExportError(f"the model ends in a {self.kind} value of shape {self.shape}, not logits")

@@ -1,4 +1,4 @@
-"""Run a ``.onebit`` model: a sequential graph executor over :mod:`onebit.engine.kernels`.
+"""Run a ``.onebit`` model: a graph executor over :mod:`onebit.engine.kernels`.
 
     from onebit.engine import load
     model = load("model.onebit")            # weights packed into kernel panels once, here
@@ -7,10 +7,12 @@
     logits = model.predict_uint8(pixels)    # uint8 [N, *input_shape], files with input_levels
 
 Activations flow in the engine's layout: NHWC for images (channels packed into uint64 words
-for bits), flat vectors otherwise. Each op of the file's graph becomes one prepared step;
-a binary ``dense``/``conv`` followed by ``threshold`` (or by a plain ``affine``) runs as one
-fused kernel call (``gemm_threshold`` / ``conv_threshold`` / ``*_affine``), which computes
-exactly what the two steps compute one after the other (:meth:`Model.trace` runs them apart).
+for bits), flat vectors otherwise. Each op of the file's graph becomes one prepared step that
+reads the values the graph names (the previous op's output, or earlier ones: residual
+connections); a value is dropped after its last reader. A binary ``dense``/``conv`` followed
+by ``threshold`` (or by a plain ``affine``) that alone reads it runs as one fused kernel call
+(``gemm_threshold`` / ``conv_threshold`` / ``*_affine``), which computes exactly what the two
+steps compute one after the other (:meth:`Model.trace` runs them apart).
 
 **Pixel path.** When the file records ``input_levels`` L (the training pipeline fed
 x = ((p / L)·2) − 1 of integer pixels p ∈ [0, L], :func:`pixels_to_inputs`) and the graph
@@ -32,13 +34,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ..errors import ConfigError, ShapeError
 from . import kernels
-from .format import Value, check_graph, read_model
+from .format import MODEL_INPUT, Value, check_graph, layer_sources, read_model
 
 __all__ = ["Model", "TraceEntry", "load", "pixels_to_inputs"]
 
@@ -105,6 +107,28 @@ def _pool(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -
             window = xp[:, ky:ky + sh * (ho - 1) + 1:sh, kx:kx + sw * (wo - 1) + 1:sw]
             out = window.copy() if out is None else np.maximum(out, window, out=out)
     return out
+
+
+def _window_sums(x: np.ndarray, axis: int, k: int, s: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sums over the windows along ``axis`` of the cells inside the input, the cells counted):
+    window o covers [o·s − p, o·s − p + k) clipped to the input. One ``np.add.reduceat`` over
+    [start, end) pairs (every other segment discarded), so a non-finite value reaches only
+    its own windows and the cost does not grow with the kernel."""
+    size = x.shape[axis]
+    start = np.arange((size + 2 * p - k) // s + 1) * s - p
+    low, high = np.clip(start, 0, size), np.clip(start + k, 0, size)  # low < high: padding <= k / 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, 1)  # a zero cell at index size, where the last segment may start
+    sums = np.add.reduceat(np.pad(x, pad), np.stack([low, high], axis=1).ravel(), axis=axis)
+    return sums.take(np.arange(0, 2 * len(low), 2), axis=axis), high - low
+
+
+def _average_pool(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> np.ndarray:
+    """Average-pool NHWC float32 values over the window cells inside the input (the padding is
+    not counted, PyTorch's ``count_include_pad=False``), summed in float64, rounded once."""
+    sums, rows = _window_sums(x.astype(np.float64), 1, kh, sh, ph)
+    sums, cols = _window_sums(sums, 2, kw, sw, pw)
+    return (sums / (rows[:, None] * cols[None, :])[None, :, :, None]).astype(np.float32)
 
 
 def _to_torch_layout(value: np.ndarray, v: Value) -> np.ndarray:
@@ -183,14 +207,16 @@ def _pixel_bounds(base: np.ndarray, levels: int, scale: np.ndarray, thresh: np.n
 # --------------------------------------------------------------------------- steps
 @dataclass
 class _Step:
-    """A prepared op: ``run(x, beta) -> (y, beta)`` on batched arrays in the engine layout."""
+    """A prepared op: ``run(x, beta) -> (y, beta)`` on batched arrays in the engine layout
+    (``add``: ``run(x1, x2) -> (y, None)``)."""
 
     index: int
     op: str
     name: str
+    sources: tuple[int, ...]  # the values it reads: earlier steps' indices, MODEL_INPUT
     inp: Value
     out: Value
-    run: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
+    run: Callable[..., tuple[np.ndarray, np.ndarray | None]]
     nbytes: int = 0  # bytes of the op's tensors in the file (for summaries)
     kernel: Any = None  # BinaryMatrix / BinaryConv2d of a binary dense/conv (for fusion)
     scale: np.ndarray | None = None  # threshold: direction s
@@ -204,6 +230,38 @@ class _Step:
     pixel_dtype: np.dtype | None = None  # of S: int32, or float32 holding exact integers
     pixel_base: np.ndarray | None = None
     pixel_reach: int = 0  # max |S|: 255·K
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call of a plan: ``run`` on the values ``sources``, its result stored as value
+    ``target``; the values in ``release`` are not read again and are dropped after it."""
+
+    run: Callable[..., tuple[np.ndarray, np.ndarray | None]]
+    sources: tuple[int, ...]
+    target: int
+    release: tuple[int, ...] = ()
+
+
+def _schedule(calls: list[_Call]) -> list[_Call]:
+    """``calls`` with ``release`` filled in: each value dropped after its last reader."""
+    last = {source: position for position, call in enumerate(calls) for source in call.sources}
+    return [replace(call, release=tuple(s for s in dict.fromkeys(call.sources) if last[s] == position))
+            for position, call in enumerate(calls)]
+
+
+def _evaluate(plan: list[_Call], value: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Run ``plan`` on the model input ``value``; yield each call's (output, β)."""
+    values = {MODEL_INPUT: (value, None)}
+    for call in plan:
+        if len(call.sources) == 1:
+            out = call.run(*values[call.sources[0]])
+        else:
+            out = call.run(*(values[source][0] for source in call.sources))
+        for source in call.release:
+            del values[source]
+        values[call.target] = out
+        yield out
 
 
 class Model:
@@ -227,24 +285,33 @@ class Model:
         self.source_model = metadata.get("source_model")
         self.input_levels: int | None = metadata.get("input_levels")
         shape = self.input_shape
-        value = Value("float", (shape[1], shape[2], shape[0]) if len(shape) == 3 else (shape[0],))
+        model_input = Value("float", (shape[1], shape[2], shape[0]) if len(shape) == 3 else (shape[0],))
         self._steps: list[_Step] = []
         for index, (layer, out) in enumerate(zip(metadata["layers"], values)):
-            self._steps.append(self._prepare(index, layer, value, out, tensors))
-            value = out
-        self._plan = self._fuse(0)
+            sources = layer_sources(layer, index)
+            inp = model_input if sources[0] == MODEL_INPUT else values[sources[0]]
+            self._steps.append(self._prepare(index, layer, sources, inp, out, tensors))
+        self._readers = {MODEL_INPUT: 0, **{step.index: 0 for step in self._steps}}
+        for step in self._steps:
+            for source in step.sources:
+                self._readers[source] += 1
+        self._plan = _schedule(self._fuse(0))
+        self._trace_plan = _schedule([_Call(step.run, step.sources, step.index) for step in self._steps])
         # the same graph on uint8 pixels (None: no pixel path); see the module docstring
         self._pixel_steps: list[_Step] | None = None
-        self._pixel_plan: list[Callable] | None = None
+        self._pixel_plan: list[_Call] | None = None
+        self._pixel_trace_plan: list[_Call] | None = None
         self._prepare_pixels()
 
     # ---- preparation
-    def _prepare(self, index: int, layer: dict, inp: Value, out: Value, tensors: dict[str, np.ndarray]) -> _Step:
+    def _prepare(self, index: int, layer: dict, sources: tuple[int, ...], inp: Value, out: Value,
+                 tensors: dict[str, np.ndarray]) -> _Step:
+        """The step of op ``index``; ``inp`` is the value it reads (``add``: the first of two alike)."""
         op = layer["op"]
         params = layer.get("params", {})
         t = {role: tensors[name] for role, name in layer.get("tensors", {}).items()}
         threads = self.threads
-        step = _Step(index, op, str(layer.get("name", "")), inp, out, None,  # type: ignore[arg-type]
+        step = _Step(index, op, str(layer.get("name", "")), sources, inp, out, None,  # type: ignore[arg-type]
                      nbytes=sum(int(a.nbytes) for a in t.values()))
 
         if op == "flatten":
@@ -324,6 +391,24 @@ class Model:
 
             def run(x, beta):
                 return np.clip(x, low, high).astype(np.float32, copy=False), beta
+
+        elif op == "avgpool":
+            (kh, kw), (sh, sw), (ph, pw) = params["kernel"], params["stride"], params["padding"]
+
+            def run(x, beta):
+                return _average_pool(x, kh, kw, sh, sw, ph, pw), beta
+
+        elif op == "pad_channels":
+            c, channels = inp.channels, out.channels
+
+            def run(x, beta):
+                y = np.zeros(x.shape[:-1] + (channels,), dtype=np.float32)
+                y[..., :c] = x
+                return y, beta
+
+        elif op == "add":
+            def run(x1, x2):
+                return x1 + x2, None
 
         else:  # pragma: no cover - check_graph knows the same ops
             raise AssertionError(op)
@@ -411,12 +496,13 @@ class Model:
 
     def _prepare_pixels(self) -> None:
         """The pixel path: leading flattens (they only reshape), the first layer on pixels, then
-        the float path's steps; the layer and a following threshold fuse into integer bounds."""
+        the float path's steps; the layer and a following threshold fuse into integer bounds.
+        Only where the pixels reach nothing else: each of these values feeds the next step alone."""
         first = 0
         while first < len(self._steps) and self._steps[first].op == "flatten":
             first += 1
         layer = self._steps[first] if first < len(self._steps) else None
-        if layer is None or layer.pixel_sums is None:
+        if layer is None or layer.pixel_sums is None or not all(map(self._feeds_next_only, range(first + 1))):
             return
         sums, base, levels = layer.pixel_sums, layer.pixel_base, self.input_levels
 
@@ -425,9 +511,9 @@ class Model:
 
         steps = list(self._steps)
         steps[first] = replace(layer, run=run)
-        plan = [s.run for s in steps[:first]]
+        plan = [_Call(s.run, s.sources, s.index) for s in steps[:first]]
         nxt = steps[first + 1] if first + 1 < len(steps) else None
-        if nxt is not None and nxt.op == "threshold":
+        if nxt is not None and nxt.op == "threshold" and self._feeds_next_only(first + 1):
             # as S's dtype: exact, as |bounds| ≤ 255·K + 1 (< 2^24 where S is float32)
             lo, hi = (b.astype(layer.pixel_dtype) for b in _pixel_bounds(base, levels, nxt.scale, nxt.thresh,
                                                                         layer.pixel_reach))
@@ -435,32 +521,40 @@ class Model:
             def fused(p, beta):
                 s = sums(p)
                 return _pack_bool((s < lo) | (s > hi)), None
-            plan += [fused, *self._fuse(first + 2)]
+            plan += [_Call(fused, layer.sources, nxt.index), *self._fuse(first + 2)]
         else:
-            plan += [run, *self._fuse(first + 1)]
-        self._pixel_steps, self._pixel_plan = steps, plan
+            plan += [_Call(run, layer.sources, layer.index), *self._fuse(first + 1)]
+        self._pixel_steps = steps
+        self._pixel_plan = _schedule(plan)
+        self._pixel_trace_plan = _schedule([_Call(step.run, step.sources, step.index) for step in steps])
 
-    def _fuse(self, start: int) -> list[Callable]:
-        """The steps of predict from step ``start`` on: binary dense/conv + threshold / plain
+    def _feeds_next_only(self, index: int) -> bool:
+        """Whether step ``index`` reads the previous value (the model input for step 0), which
+        nothing else reads: the two steps may run as one."""
+        return self._steps[index].sources == (index - 1,) and self._readers[index - 1] == 1
+
+    def _fuse(self, start: int) -> list[_Call]:
+        """The calls of predict from step ``start`` on: binary dense/conv + threshold / plain
         affine as one kernel call."""
-        plan: list[Callable] = []
+        plan: list[_Call] = []
         steps = self._steps
         i = start
         threads = self.threads
         while i < len(steps):
             step = steps[i]
-            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            nxt = steps[i + 1] if i + 1 < len(steps) and self._feeds_next_only(i + 1) else None
             kernel = step.kernel
             binary = step.op in ("dense", "conv") and step.inp.kind == "bits" and kernel is not None
             if binary and nxt is not None and nxt.op == "threshold":
-                plan.append(_fused_threshold(kernel, step.op, nxt.scale, nxt.thresh, threads))
+                plan.append(_Call(_fused_threshold(kernel, step.op, nxt.scale, nxt.thresh, threads),
+                                  step.sources, nxt.index))
                 i += 2
                 continue
             if binary and nxt is not None and nxt.op == "affine" and not step.inp.scaled:
-                plan.append(_fused_affine(kernel, step.op, nxt.mul, nxt.add, threads))
+                plan.append(_Call(_fused_affine(kernel, step.op, nxt.mul, nxt.add, threads), step.sources, nxt.index))
                 i += 2
                 continue
-            plan.append(step.run)
+            plan.append(_Call(step.run, step.sources, step.index))
             i += 1
         return plan
 
@@ -505,10 +599,9 @@ class Model:
     def _run(self, value: np.ndarray, on_pixels: bool) -> np.ndarray:
         if value.shape[0] == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
-        beta = None
-        for run in self._pixel_plan if on_pixels else self._plan:
-            value, beta = run(value, beta)
-        return value
+        for out, _ in _evaluate(self._pixel_plan if on_pixels else self._plan, value):
+            pass
+        return out
 
     def predict(self, x: Any) -> np.ndarray:
         """Logits float32 [N, num_classes] for inputs ``x`` [N, *input_shape] (cast to float32).
@@ -537,20 +630,21 @@ class Model:
         """Every op's output for inputs ``x``, unfused, in PyTorch's layout (see :class:`TraceEntry`);
         on the pixel path where :meth:`predict` takes it."""
         value, on_pixels = self._input(x)
-        beta = None
         entries = []
-        for step in self._pixel_steps if on_pixels else self._steps:
-            value, beta = step.run(value, beta)
+        steps, plan = (self._pixel_steps, self._pixel_trace_plan) if on_pixels else (self._steps, self._trace_plan)
+        for step, (value, _) in zip(steps, _evaluate(plan, value)):
             shown = _unpack(value, step.out.channels).astype(np.int8) * -2 + 1 if step.out.kind == "bits" else value
             entries.append(TraceEntry(step.index, step.op, step.name, _to_torch_layout(shown, step.out)))
         return entries
 
     # ---- description
     def summary(self) -> str:
-        """A table of the ops: name, output (kind and per-sample shape), bytes of stored tensors."""
+        """A table of the ops: name, output (kind and per-sample shape), bytes of stored tensors;
+        an op that reads other values than the previous output names them, e.g. ``add(12, 5)``."""
         rows = [("#", "op", "name", "output", "stored bytes")]
         for s in self._steps:
-            rows.append((str(s.index), s.op, s.name, s.out.describe(), f"{s.nbytes:,}"))
+            op = s.op if s.sources == (s.index - 1,) else f"{s.op}({', '.join(map(str, s.sources))})"
+            rows.append((str(s.index), op, s.name, s.out.describe(), f"{s.nbytes:,}"))
         total = sum(s.nbytes for s in self._steps)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))

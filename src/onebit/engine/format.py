@@ -14,9 +14,16 @@ thus covered: a flipped bit anywhere is a :class:`~onebit.errors.FormatError`.
 The reader trusts nothing: it checks the header length against the file size before reading
 the header, every dtype, shape and offset before reading the payload (which it allocates from
 the real file size, never from a declared one), both checksums, the format name and version,
-and the graph (:func:`check_graph`: every op's parameters, tensors, shapes and dtypes, and the
-optional ``input_levels``: the model's inputs are ((p / L)·2) − 1 of integer pixels p in
-0..L, L an int in 1..255, which lets the engine run the first layer exactly on pixels).
+and the graph (:func:`check_graph`: every op's parameters, tensors, shapes and dtypes, which
+earlier values each op reads, and the optional ``input_levels``: the model's inputs are
+((p / L)·2) − 1 of integer pixels p in 0..L, L an int in 1..255, which lets the engine run the
+first layer exactly on pixels).
+
+The graph is a list of ops; op k reads the output of op k − 1 (op 0: the model input) unless
+it names another earlier value with ``"input": j`` (j < k; −1 is the model input); ``add``
+reads two, ``"inputs": [i, j]``. Every value but the last must be read by some op, so a graph
+that uses ``input`` always holds an ``add``, which readers that predate these fields refuse as
+an unknown op: the format version stays 1.
 
 This module imports numpy and the standard library only (no torch).
 """
@@ -41,9 +48,11 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MAX_INPUT_LEVELS",
+    "MODEL_INPUT",
     "OPS",
     "Value",
     "check_graph",
+    "layer_sources",
     "read_model",
     "write_model",
     "words",
@@ -79,7 +88,9 @@ MAX_LAYERS = 10_000
 MAX_VALUES_PER_SAMPLE = 1 << 24
 #: the largest pixel value of ``input_levels``: pixels are uint8
 MAX_INPUT_LEVELS = 255
-OPS = ("flatten", "binarize", "dense", "conv", "maxpool", "threshold", "affine", "clamp")
+OPS = ("flatten", "binarize", "dense", "conv", "maxpool", "threshold", "affine", "clamp", "avgpool",
+       "pad_channels", "add")
+MODEL_INPUT = -1  # the index by which a layer's "input" names the model input
 _METADATA_KEYS = {"onebit", "header_sha256"}
 
 
@@ -418,9 +429,10 @@ class _Checker:
         layers = meta.get("layers")
         if not (isinstance(layers, list) and 1 <= len(layers) <= MAX_LAYERS):
             raise self.fail(None, "layers must be a non-empty list")
-        value = Value("float", (shape[1], shape[2], shape[0]) if len(shape) == 3 else (shape[0],))
-        self.bounded(None, "the input", value.shape)
-        values = []
+        model_input = Value("float", (shape[1], shape[2], shape[0]) if len(shape) == 3 else (shape[0],))
+        self.bounded(None, "the input", model_input.shape)
+        values: list[Value] = []
+        unread: set[int] = set()
         for index, layer in enumerate(layers):
             if not isinstance(layer, dict) or layer.get("op") not in OPS:
                 op = layer.get("op") if isinstance(layer, dict) else layer
@@ -428,14 +440,43 @@ class _Checker:
             params = layer.get("params", {})
             if not isinstance(params, dict):
                 raise self.fail(index, "params must be an object")
-            value = getattr(self, "op_" + layer["op"])(index, layer, params, value)
+            sources = self.sources(index, layer)
+            unread.difference_update(sources)
+            inputs = [model_input if source == MODEL_INPUT else values[source] for source in sources]
+            value = getattr(self, "op_" + layer["op"])(index, layer, params, *inputs)
             self.bounded(index, f"{layer['op']} output", value.shape)
             values.append(value)
-        if value != Value("float", (classes,)):
-            raise self.fail(None, f"the graph ends in {value.describe()}, not float logits [{classes}]")
+            unread.add(index)
+        unread.discard(len(layers) - 1)  # (layer 0 always reads the model input)
+        if unread:  # dead ops; and so a graph that uses "input" holds an "add" (the module docstring)
+            raise self.fail(min(unread), "no later layer reads this layer's output (only the last one may be unread)")
+        if values[-1] != Value("float", (classes,)):
+            raise self.fail(None, f"the graph ends in {values[-1].describe()}, not float logits [{classes}]")
         return values
 
-    # each op_*: (index, layer, params, input value) -> output value
+    def sources(self, index: int, layer: dict) -> tuple[int, ...]:
+        """Check the ``input`` / ``inputs`` fields of a layer; the values it reads (:func:`layer_sources`)."""
+        op = layer["op"]
+        earlier = "-1 (the model input)" + (f" or 0..{index - 1}" if index else "")
+
+        def is_earlier(source: Any) -> bool:
+            return _is_int(source) and MODEL_INPUT <= source < index
+
+        if op == "add":
+            if "input" in layer:
+                raise self.fail(index, "add reads two values, 'inputs', not 'input'")
+            sources = layer.get("inputs")
+            if not (isinstance(sources, list) and len(sources) == 2 and all(map(is_earlier, sources))):
+                raise self.fail(index, f"add needs 'inputs': two indices of earlier values, each {earlier}; "
+                                       f"got {sources!r:.40}")
+        elif "inputs" in layer:
+            raise self.fail(index, f"{op} reads one value, 'input', not 'inputs'")
+        elif "input" in layer and not is_earlier(layer["input"]):
+            raise self.fail(index, f"'input' must be the index of an earlier value, {earlier}; "
+                                   f"got {layer['input']!r:.40}")
+        return layer_sources(layer, index)
+
+    # each op_*: (index, layer, params, *input values) -> output value
     def op_flatten(self, index, layer, params, value: Value) -> Value:
         self.roles(index, layer, set())
         return Value(value.kind, (math.prod(value.shape),), value.scaled)
@@ -494,19 +535,44 @@ class _Checker:
         ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         return Value("int" if value.kind == "bits" else "float", (ho, wo, out), value.scaled)
 
-    def op_maxpool(self, index, layer, params, value: Value) -> Value:
-        self.roles(index, layer, set())
-        self.expect(index, "maxpool", value, value.spatial, "an NHWC input")
+    def window(self, index, op: str, params: dict, value: Value) -> tuple[int, int, int]:
+        """Check a pooling window (``kernel``, ``stride``, ``padding`` of at most half the kernel,
+        so that every window holds an input cell); the output shape."""
         kh, kw = self.ints(index, params, "kernel", 2, 1)
         sh, sw = self.ints(index, params, "stride", 2, 1)
         ph, pw = self.ints(index, params, "padding", 2, 0)
         if 2 * ph > kh or 2 * pw > kw:
-            raise self.fail(index, "maxpool padding must be at most half the kernel")
+            raise self.fail(index, f"{op} padding must be at most half the kernel")
         h, w, c = value.shape
         if h + 2 * ph < kh or w + 2 * pw < kw:
-            raise self.fail(index, f"maxpool kernel {kh}x{kw} larger than the padded input")
-        self.bounded(index, "padded maxpool input", (h + 2 * ph, w + 2 * pw, c))
-        return Value(value.kind, ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, c), value.scaled)
+            raise self.fail(index, f"{op} kernel {kh}x{kw} larger than the padded input")
+        self.bounded(index, f"padded {op} input", (h + 2 * ph, w + 2 * pw, c))
+        return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, c
+
+    def op_maxpool(self, index, layer, params, value: Value) -> Value:
+        self.roles(index, layer, set())
+        self.expect(index, "maxpool", value, value.spatial, "an NHWC input")
+        return Value(value.kind, self.window(index, "maxpool", params, value), value.scaled)
+
+    def op_avgpool(self, index, layer, params, value: Value) -> Value:
+        self.roles(index, layer, set())
+        self.expect(index, "avgpool", value, value.spatial and value.kind == "float" and not value.scaled,
+                    "a float NHWC input")
+        return Value("float", self.window(index, "avgpool", params, value))
+
+    def op_pad_channels(self, index, layer, params, value: Value) -> Value:
+        self.roles(index, layer, set())
+        self.expect(index, "pad_channels", value, value.spatial and value.kind == "float" and not value.scaled,
+                    "a float NHWC input")
+        h, w, c = value.shape
+        return Value("float", (h, w, c + self.count(index, params, "extra")))
+
+    def op_add(self, index, layer, params, first: Value, second: Value) -> Value:
+        self.roles(index, layer, set())
+        if first != second or first.kind != "float" or first.scaled:
+            raise self.fail(index, f"add needs two float values of the same shape, got {first.describe()} "
+                                   f"and {second.describe()}")
+        return first
 
     def op_threshold(self, index, layer, params, value: Value) -> Value:
         self.roles(index, layer, {"threshold", "direction"})
@@ -535,6 +601,15 @@ class _Checker:
         if not all(v is None or _finite_number(v) for v in (low, high)) or (low is not None and high is not None and low > high):
             raise self.fail(index, f"clamp needs finite min <= max (or null), got {str(low)[:20]}, {str(high)[:20]}")
         return value
+
+
+def layer_sources(layer: dict, index: int) -> tuple[int, ...]:
+    """The values layer ``index`` of a checked graph reads: indices of earlier layers, or
+    ``MODEL_INPUT`` (−1) for the model input; the previous layer's output unless ``input`` or
+    (``add``) ``inputs`` says otherwise."""
+    if layer["op"] == "add":
+        return tuple(layer["inputs"])
+    return (layer.get("input", index - 1),)
 
 
 def check_graph(metadata: dict, tensors: dict[str, np.ndarray], where: str = "") -> list[Value]:

@@ -57,8 +57,12 @@ their sources:
 The model is an ``nn.Sequential`` of ``stem``, ``stage1`` … ``stage3`` (``nn.Sequential`` of
 :class:`PreActBlock`) and ``head``; each BN → ReLU → conv triple is an ``nn.Sequential``
 (``bn``, ``relu``, ``conv``), the pattern :func:`onebit.memory.compressed_activations` fuses.
-Residual blocks are not in the module set :mod:`onebit.export` understands, so these models
-train and evaluate in torch but do not export to ``.onebit`` (export raises a clear error).
+:mod:`onebit.export` writes these models to ``.onebit`` (each block as its two branches reading
+the same value and an ``add``; the shortcut as ``avgpool`` and ``pad_channels``; docs/export.md)
+and the engine runs them with real activations: every convolution a float-input × sign-weight
+product, its fixed scale folded into the next BN's affine (an affine of its own before a
+residual ``add``). The float twin exports too, with float convolutions. Float sums in another
+order than torch's: close to float32 rounding, not bit-exact. ONNX export refuses the blocks.
 """
 from __future__ import annotations
 
@@ -176,7 +180,7 @@ def wrn(
     model = _finish(nn.Sequential(OrderedDict(layers)), in_shape, num_classes)
     model.depth = depth
     model.width = width
-    model.exportable = False  # residual blocks: onebit.export refuses the model (see the module docstring)
+    model.exportable = True  # onebit.export walks the residual blocks (see the module docstring)
     return model
 
 
