@@ -183,3 +183,11 @@ def test_memory_command_small(capsys):
     assert main(["memory", "--depth", "8", "--width", "1", "--batch", "4", "--size", "8", "--no-rss"]) == 0
     printed = capsys.readouterr().out
     assert "WRN-8-1" in printed and "saved 1/" in printed
+
+
+def test_no_augment_and_no_flip_turn_a_recipes_augmentation_off():
+    from onebit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--recipe", "binarynet_cnn_fmnist_wide", "--no-augment", "--no-flip"])
+    assert (args.augment, args.flip) == (False, False)
+    assert build_parser().parse_args(["train", "x"]).augment is None  # unset: the recipe decides

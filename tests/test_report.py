@@ -162,3 +162,23 @@ def test_twin_from_the_same_recipe_is_preferred(tmp_path):
     binary = run("binary", "binarynet_mlp", "binarynet_fmnist_flip")
     report._pair_twins([other, same, binary])
     assert binary.twin is same  # same epochs, architecture and recipe beat the path order
+
+
+def test_command_reproduces_augmentation_schedule_and_memory_options(tmp_path):
+    from onebit.cli import main
+
+    original = dataclasses.asdict(tiny(tmp_path / "first", model="float_mlp", epochs=1, augment=True, crop_padding=1,
+                                       flip=True, cutout=2, compressed="stochastic", scheduler="sgdr",
+                                       scheduler_kwargs={"t0": 1}))
+    argv = shlex.split(report.train_command(original))[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert main(argv + ["--quiet", "--threads", "1"]) == 0
+    again = load_checkpoint(tmp_path / "again" / "last.pt")["config"]
+    ignore = {"out", "threads", "progress", "resume"}
+    assert {k: v for k, v in again.items() if k not in ignore} == {k: v for k, v in original.items() if k not in ignore}
+
+
+def test_command_leaves_out_the_crop_of_a_run_without_augmentation():
+    config = dataclasses.asdict(recipe_config("binarynet_cnn_fmnist_wide", augment=False, out="runs/c"))
+    command = report.train_command(config)
+    assert "--crop-padding" not in command and "--augment" not in command and "--flip" in command

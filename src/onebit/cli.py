@@ -343,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", help="cross_entropy (default) or square_hinge")
     train.add_argument("--scheduler-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                        help="schedule argument, e.g. --scheduler-arg t0=2 for sgdr (repeatable)")
-    train.add_argument("--augment", action="store_true", default=None, help="random crop with padding")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                       help="random crop with padding (--no-augment turns a recipe's off)")
     train.add_argument("--crop-padding", type=int, metavar="PX",
                        help="random crop after padding by PX pixels (implies --augment; default 4, 1 for digits)")
-    train.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="random horizontal flips (--no-flip turns a recipe's off)")
     train.add_argument("--cutout", type=int, help="cutout square size in pixels (default 0: none)")
     train.add_argument("--compressed", choices=["stochastic", "mean"],
                        help="compressed learning: keep 1-2 bit activations for the backward pass (onebit.memory)")

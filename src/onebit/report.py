@@ -318,9 +318,17 @@ def train_command(config: dict) -> str:
             parts += [flag, value if isinstance(value, str) else repr(value)]
     for key, value in (config.get("model_kwargs") or {}).items():
         parts += ["-m", f"{key}={_cli_value(value)}"]
-    for key, flag in (("lr_scaling", "--lr-scaling"), ("augment", "--augment"), ("sync_bn", "--sync-bn"), ("amp", "--amp")):
+    for key, flag in (("lr_scaling", "--lr-scaling"), ("augment", "--augment"), ("flip", "--flip"),
+                      ("sync_bn", "--sync-bn"), ("amp", "--amp")):
         if config.get(key):
             parts.append(flag)
+    if config.get("augment") and config.get("crop_padding") is not None:
+        parts += ["--crop-padding", str(config["crop_padding"])]
+    for key, flag in (("cutout", "--cutout"), ("compressed", "--compressed")):
+        if config.get(key):
+            parts += [flag, str(config[key])]
+    for key, value in (config.get("scheduler_kwargs") or {}).items():
+        parts += ["--scheduler-arg", f"{key}={_cli_value(value)}"]
     if config.get("out"):
         parts += ["--out", str(config["out"])]
     return " ".join(_quote(str(p)) for p in parts)
