@@ -182,3 +182,16 @@ def test_command_leaves_out_the_crop_of_a_run_without_augmentation():
     config = dataclasses.asdict(recipe_config("binarynet_cnn_fmnist_wide", augment=False, out="runs/c"))
     command = report.train_command(config)
     assert "--crop-padding" not in command and "--augment" not in command and "--flip" in command
+
+
+def test_memory_section_lists_runs_that_measured_their_peak(tmp_path):
+    run = report.Run(path=tmp_path / "wrn_comp", result={"test_accuracy": 0.9, "epochs": 2, "seconds": 300.0,
+                                                          "peak_rss_mib": 1234.5},
+                     config={"model": "wrn_1bit", "dataset": "digits", "compressed": "stochastic", "batch_size": 125},
+                     history=[], model_kwargs={})
+    plain = report.Run(path=tmp_path / "old", result={"test_accuracy": 0.9, "epochs": 2},
+                       config={"model": "binarynet_mlp", "dataset": "digits"}, history=[], model_kwargs={})
+    text = report.render_markdown([run, plain], {})
+    section = text.split("## Memory and time per epoch", 1)[1]
+    assert "| wrn_comp | `wrn_1bit` | stochastic | 125 | 150 s | 1,234 MiB |" in section  # 1234.5 rounds to even
+    assert "| old |" not in section

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 
@@ -43,6 +44,9 @@ def test_binary_mlp_learns_digits(tmp_path):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 12
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["epochs"] == 12 and summary["test_accuracy"] == result.test["accuracy"]
+    assert 50 < summary["peak_rss_mib"] < 16_000  # torch alone is ~200 MiB resident
 
 
 def test_resume_after_one_epoch_is_bit_exact(tmp_path):

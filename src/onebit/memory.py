@@ -123,6 +123,7 @@ __all__ = [
     "fusable",
     "measure_memory",
     "pack_bits",
+    "peak_rss",
     "saved_activation_bytes",
     "training_step_peak_rss",
     "unpack_bits",
@@ -529,7 +530,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """This process's peak RSS in bytes: ``VmHWM`` of ``/proc/self/status`` (its own address space,
     resettable), else ``resource.getrusage``'s ``ru_maxrss``."""
     try:
@@ -559,12 +560,12 @@ def training_step_peak_rss(model: nn.Module, x: Tensor, loss_fn: Callable[[Tenso
     _reset_peak_rss()
     before = _rss_now()
     if before is None:
-        before = _peak_rss()
+        before = peak_rss()
     loss = loss_fn(model(x))
     loss.backward()
     if optimizer is not None:
         optimizer.step()
-    return max(0, _peak_rss() - before)
+    return max(0, peak_rss() - before)
 
 
 # --------------------------------------------------------------------------- the measurement (onebit memory)

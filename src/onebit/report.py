@@ -456,6 +456,21 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
                          f"{seeds} | {mean:.2f} ± {std:.2f}% | {', '.join(r.name for r in group)} |")
         lines.append("")
 
+    measured = [r for r in runs if r.result.get("peak_rss_mib") is not None]
+    if measured:
+        lines += ["## Memory and time per epoch", "",
+                  "Peak RSS: the training process's high-water mark (data, model, optimizer state, activations);",
+                  "compressed learning keeps a 1-bit copy of each ReLU activation for the backward pass",
+                  "(`onebit.memory`).", "",
+                  "| run | recipe / model | compressed learning | batch | seconds per epoch | peak RSS |",
+                  "|---|---|---|---|---|---|"]
+        for run in measured:
+            per_epoch = (run.seconds or 0.0) / max(run.epochs, 1)
+            lines.append(f"| {run.name} | {_label(run)} | {run.config.get('compressed') or '—'} | "
+                         f"{run.config.get('batch_size', '—')} | {per_epoch:.0f} s | "
+                         f"{float(run.result['peak_rss_mib']):,.0f} MiB |")
+        lines.append("")
+
     if figures:
         lines += ["## Training curves", ""]
         for dataset, rel in sorted(figures.items()):

@@ -46,6 +46,7 @@ from .errors import CheckpointError, OnebitError
 from .files import atomic_write, zip_integrity_error
 from .layers import clip_latent_weights
 from .losses import get_loss
+from .memory import peak_rss
 from .memory import compressed_activations
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
@@ -472,6 +473,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     "test_loss": test["loss"],
                     "interrupted": interrupted,
                     "processes": context.world_size,
+                    # the whole process's high-water mark: data, model, optimizer state and activations
+                    "peak_rss_mib": peak_rss() / 2**20,
                 },
                 handle,
                 indent=2,
