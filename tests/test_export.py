@@ -143,15 +143,19 @@ def test_engine_is_bit_exact(key, path, tmp_path_factory):
         np.testing.assert_array_equal(predicted, engine.trace(x.numpy())[-1].value)  # fused == unfused
 
 
-def test_all_paths_agree_exactly(tmp_path_factory):
-    _, file = exported("cnn-cifar", tmp_path_factory)
-    x = grid_input(5, (3, 32, 32), seed=9).numpy()
+def assert_every_path_predicts_the_same(file, x: np.ndarray) -> None:
+    """Every kernel path of this CPU gives bit-identical logits for ``x``."""
     results = []
     for path in PATHS:
         kernels.set_path(path)
         results.append(load(file).predict(x))
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+def test_all_paths_agree_exactly(tmp_path_factory):
+    _, file = exported("cnn-cifar", tmp_path_factory)
+    assert_every_path_predicts_the_same(file, grid_input(5, (3, 32, 32), seed=9).numpy())
 
 
 def test_real_valued_inputs_agree(tmp_path_factory):

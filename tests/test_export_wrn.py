@@ -24,7 +24,7 @@ from onebit.models import create_model
 from onebit.models.wrn import PreActBlock
 from onebit.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
-from test_export import assert_logits_close
+from test_export import assert_every_path_predicts_the_same, assert_logits_close
 
 PATHS = kernels.available_paths()
 
@@ -117,13 +117,7 @@ def test_engine_follows_pytorch(key, path, tmp_path_factory):
 
 def test_all_paths_agree_exactly(tmp_path_factory):
     _, file = exported("wrn14-cifar-affine", tmp_path_factory)
-    x = inputs(3, (3, 32, 32), seed=4).numpy()
-    results = []
-    for path in PATHS:
-        kernels.set_path(path)
-        results.append(load(file).predict(x))
-    for result in results[1:]:
-        np.testing.assert_array_equal(result, results[0])
+    assert_every_path_predicts_the_same(file, inputs(3, (3, 32, 32), seed=4).numpy())
 
 
 def test_concurrent_predictions_match_serial(tmp_path_factory):
