@@ -3,11 +3,14 @@ import json
 import shlex
 
 import pytest
+import torch
 
 from onebit.cli import main as cli_main
 
 from onebit import report
 from onebit.errors import OnebitError
+from onebit.memory import saved_activation_bytes
+from onebit.models import create_model
 from onebit.recipes import recipe_config
 from onebit.train import TrainConfig, load_checkpoint, train
 
@@ -185,13 +188,23 @@ def test_command_leaves_out_the_crop_of_a_run_without_augmentation():
 
 
 def test_memory_section_lists_runs_that_measured_their_peak(tmp_path):
-    run = report.Run(path=tmp_path / "wrn_comp", result={"test_accuracy": 0.9, "epochs": 2, "seconds": 300.0,
-                                                          "peak_rss_mib": 1234.5},
-                     config={"model": "wrn_1bit", "dataset": "digits", "compressed": "stochastic", "batch_size": 125},
-                     history=[], model_kwargs={})
+    def wrn_run(name, compressed):
+        return report.Run(path=tmp_path / name, result={"test_accuracy": 0.9, "epochs": 2, "seconds": 300.0,
+                                                        "peak_rss_mib": 1234.5},
+                          config={"model": "wrn_1bit", "dataset": "digits", "compressed": compressed, "batch_size": 125},
+                          history=[], model_kwargs={"depth": 8, "width": 1})
+
     plain = report.Run(path=tmp_path / "old", result={"test_accuracy": 0.9, "epochs": 2},
                        config={"model": "binarynet_mlp", "dataset": "digits"}, history=[], model_kwargs={})
-    text = report.render_markdown([run, plain], {})
+    text = report.render_markdown([wrn_run("wrn_comp", "stochastic"), wrn_run("wrn", None), plain], {})
     section = text.split("## Memory and time per epoch", 1)[1]
-    assert "| wrn_comp | `wrn_1bit` | stochastic | 125 | 150 s | 1,234 MiB |" in section  # 1234.5 rounds to even
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in section.splitlines() if line.startswith("| wrn")}
+    # run, recipe, compressed, batch, s/epoch, saved, peak RSS (1234.5 rounds to even)
+    assert rows["wrn_comp"][2:] == ["stochastic", "125", "150 s", rows["wrn_comp"][5], "1,234 MiB |"]
+    assert rows["wrn"][2] == "—"
+    compressed_mib, float_mib = (float(rows[k][5].removesuffix(" MiB")) for k in ("wrn_comp", "wrn"))
+    assert 0 < compressed_mib < float_mib / 16  # WRN-8-1 on 8x8 digits: about 0.19 vs 4.7 MiB
+    model = create_model("wrn_1bit", in_shape=(1, 8, 8), num_classes=10, depth=8, width=1).train()
+    expected = saved_activation_bytes(model, torch.zeros(125, 1, 8, 8)).activations / 2**20
+    assert float_mib == pytest.approx(expected, abs=0.05)
     assert "| old |" not in section

@@ -251,6 +251,32 @@ def _layer_shapes(run: Run) -> tuple | None:
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
+def _saved_activation_mib(run: Run) -> float | None:
+    """Activation memory saved for backward by one training batch of the run's model (with its
+    compressed learning, if any), measured on a freshly built copy by :mod:`onebit.memory`."""
+    import contextlib
+
+    import torch
+
+    from .data import DATASETS
+    from .memory import compressed_activations, saved_activation_bytes
+    from .models import create_model
+
+    try:
+        info = DATASETS.get(run.dataset).info
+        kwargs = {"in_shape": tuple(info["input_shape"]), "num_classes": info["num_classes"], **run.model_kwargs}
+        kwargs["in_shape"] = tuple(kwargs["in_shape"])
+        model = create_model(run.model, **kwargs)
+        batch = torch.zeros(int(run.config["batch_size"]), *kwargs["in_shape"])
+    except Exception:  # an old or foreign run: leave the cell empty
+        return None
+    code = run.config.get("compressed")
+    compression = compressed_activations(model, code=code) if code else contextlib.nullcontext()
+    with compression:
+        saved = saved_activation_bytes(model.train(), batch)
+    return saved.activations / 2**20
+
+
 def _pair_twins(runs: list[Run]) -> None:
     shapes = {id(r): _layer_shapes(r) for r in runs}
 
@@ -461,13 +487,17 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
         lines += ["## Memory and time per epoch", "",
                   "Peak RSS: the training process's high-water mark (data, model, optimizer state, activations);",
                   "compressed learning keeps a 1-bit copy of each ReLU activation for the backward pass",
-                  "(`onebit.memory`).", "",
-                  "| run | recipe / model | compressed learning | batch | seconds per epoch | peak RSS |",
-                  "|---|---|---|---|---|---|"]
+                  "(`onebit.memory`). Saved activations: what autograd keeps for the backward pass of one",
+                  "training batch, measured with `saved_tensors_hooks` on a fresh copy of the run's model.", "",
+                  "| run | recipe / model | compressed learning | batch | seconds per epoch | saved activations per batch "
+                  "| peak RSS |",
+                  "|---|---|---|---|---|---|---|"]
         for run in measured:
             per_epoch = (run.seconds or 0.0) / max(run.epochs, 1)
+            saved = _saved_activation_mib(run)
             lines.append(f"| {run.name} | {_label(run)} | {run.config.get('compressed') or '—'} | "
                          f"{run.config.get('batch_size', '—')} | {per_epoch:.0f} s | "
+                         f"{'—' if saved is None else f'{saved:,.1f} MiB'} | "
                          f"{float(run.result['peak_rss_mib']):,.0f} MiB |")
         lines.append("")
 
