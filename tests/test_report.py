@@ -167,6 +167,25 @@ def test_twin_from_the_same_recipe_is_preferred(tmp_path):
     assert binary.twin is same  # same epochs, architecture and recipe beat the path order
 
 
+def test_twin_trained_like_the_run_is_preferred_and_other_settings_are_shown(tmp_path):
+    def run(name, model, error, **settings):
+        config = {"model": model, "dataset": "digits", "epochs": 4, "flip": True, "lr_scaling": model != "float_mlp",
+                  "out": f"runs/{name}", "seed": 0, **settings}
+        return report.Run(path=tmp_path / name, result={"test_accuracy": 1 - error / 100, "epochs": config["epochs"]},
+                          config=config, history=[], model_kwargs={"hidden": 32, "depth": 1})
+
+    like = run("a_like", "float_mlp", 9.0, seed=3)  # seed, out and lr_scaling may differ
+    unlike = run("b_unlike", "float_mlp", 8.0, flip=False)
+    binary = run("binary", "binarynet_mlp", 10.0)
+    longer = run("binary_longer", "binarynet_mlp", 10.0, epochs=8)
+    report._pair_twins([unlike, like, binary, longer])
+    assert binary.twin is like and report.twin_differences(binary, like) == []
+    assert longer.twin is like and report.twin_differences(longer, like) == ["epochs=4"]
+    table = report.render_markdown([unlike, like, binary, longer], {})
+    assert "| 9.00% (a_like) | +1.00 pp |" in table
+    assert "| 9.00% (a_like; trained with epochs=4) | +1.00 pp |" in table
+
+
 def test_command_reproduces_augmentation_schedule_and_memory_options(tmp_path):
     from onebit.cli import main
 

@@ -277,6 +277,30 @@ def _saved_activation_mib(run: Run) -> float | None:
     return saved.activations / 2**20
 
 
+# a float twin differs here by design (lr_scaling is for binary weights; model_kwargs are compared
+# after the quantization arguments are dropped); the recipe name is a label, not a setting
+_TWIN_MAY_DIFFER = ("model", "model_kwargs", "lr_scaling", "recipe")
+
+
+def twin_differences(run: Run, twin: Run) -> list[str]:
+    """The training settings in which ``twin`` was not trained like ``run``, as ``key=twin's value``
+    (settings a run folder predates count as their defaults)."""
+    from .recipes import twin_model_kwargs
+    from .train import TrainConfig
+
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    mine, theirs = {**defaults, **run.config}, {**defaults, **twin.config}
+    skip = set(_NOT_THE_EXPERIMENT) | set(_TWIN_MAY_DIFFER)
+    differences = [f"{k}={theirs.get(k)}" for k in sorted((set(mine) | set(theirs)) - skip)
+                   if mine.get(k) != theirs.get(k)]
+    my_kwargs, their_kwargs = twin_model_kwargs(run.model_kwargs), twin_model_kwargs(twin.model_kwargs)
+    # a model argument left out means the model's default, which only the model knows: compare shared ones
+    differences += [f"-m {k}={their_kwargs[k]}" for k in sorted(set(my_kwargs) & set(their_kwargs))
+                    if k not in ("in_shape", "num_classes") and my_kwargs[k] != their_kwargs[k]]
+    return differences
+
+
 def _pair_twins(runs: list[Run]) -> None:
     shapes = {id(r): _layer_shapes(r) for r in runs}
 
@@ -300,8 +324,8 @@ def _pair_twins(runs: list[Run]) -> None:
             def same_recipe(r: Run) -> bool:
                 return (r.recipe or "").removesuffix(" (float twin)") == (run.recipe or "")
 
-            candidates.sort(key=lambda r: (r.epochs != run.epochs, abs(r.epochs - run.epochs), not same_recipe(r),
-                                           str(r.path)))
+            candidates.sort(key=lambda r: (len(twin_differences(run, r)), abs(r.epochs - run.epochs),
+                                           not same_recipe(r), str(r.path)))
             run.twin = candidates[0]
 
 
@@ -330,7 +354,8 @@ def train_command(config: dict) -> str:
     """
     from .train import TrainConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
     parts = ["onebit", "train", str(config["model"])]
     flags = [
         ("dataset", "--dataset"), ("data_dir", "--data-dir"), ("epochs", "--epochs"),
@@ -436,7 +461,8 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
         "",
         f"Generated from {len(runs)} run folder(s)" + (f" under {', '.join(f'`{s}`' for s in sources)}" if sources else "")
         + ". Test error = 100 % − test accuracy on the dataset's test split; the float twin is the run",
-        "of the same architecture in full precision on the same data; gap = error − twin's error (percentage points).",
+        "of the same architecture in full precision on the same data, trained with the same settings where such a run",
+        "exists (otherwise the twin's other settings are listed); gap = error − twin's error (percentage points).",
         "Wall time: `result.json`'s seconds (or the sum of per-epoch seconds in `metrics.jsonl` for resumed runs).",
         "",
         "| # | run | recipe / model | dataset | epochs | wall time | test error | float twin error | gap |",
@@ -445,7 +471,12 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
     for i, run in enumerate(runs, 1):
         twin_err = run.twin.error if run.twin else None
         gap = f"{run.error - twin_err:+.2f} pp" if run.error is not None and twin_err is not None else "—"
-        twin = f"{_fmt_err(twin_err)} ({run.twin.name})" if run.twin else ("(float)" if run.is_float else "—")
+        if run.twin:
+            differences = twin_differences(run, run.twin)
+            trained = f"; trained with {', '.join(differences)}" if differences else ""
+            twin = f"{_fmt_err(twin_err)} ({run.twin.name}{trained})"
+        else:
+            twin = "(float)" if run.is_float else "—"
         flag = " (interrupted)" if run.result.get("interrupted") else ""
         lines.append(
             f"| {i} | {run.name}{flag} | {_label(run)} | {run.dataset} | {run.epochs} | {_fmt_time(run.seconds)} "
