@@ -258,13 +258,12 @@ def _saved_activation_mib(run: Run) -> float | None:
 
     import torch
 
-    from .data import DATASETS
     from .memory import compressed_activations, saved_activation_bytes
     from .models import create_model
+    from .train import TrainConfig, model_kwargs_for
 
     try:
-        info = DATASETS.get(run.dataset).info
-        kwargs = {"in_shape": tuple(info["input_shape"]), "num_classes": info["num_classes"], **run.model_kwargs}
+        kwargs = model_kwargs_for(TrainConfig(model=run.model, dataset=run.dataset, model_kwargs=dict(run.model_kwargs)))
         kwargs["in_shape"] = tuple(kwargs["in_shape"])
         model = create_model(run.model, **kwargs)
         batch = torch.zeros(int(run.config["batch_size"]), *kwargs["in_shape"])
