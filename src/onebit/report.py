@@ -276,6 +276,14 @@ def _saved_activation_mib(run: Run) -> float | None:
     return saved.activations / 2**20
 
 
+def _config_defaults() -> dict:
+    """Every TrainConfig field's default value."""
+    from .train import TrainConfig
+
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
+
+
 # a float twin differs here by design (lr_scaling is for binary weights; model_kwargs are compared
 # after the quantization arguments are dropped); the recipe name is a label, not a setting
 _TWIN_MAY_DIFFER = ("model", "model_kwargs", "lr_scaling", "recipe")
@@ -285,10 +293,8 @@ def twin_differences(run: Run, twin: Run) -> list[str]:
     """The training settings in which ``twin`` was not trained like ``run``, as ``key=twin's value``
     (settings a run folder predates count as their defaults)."""
     from .recipes import twin_model_kwargs
-    from .train import TrainConfig
 
-    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(TrainConfig)}
+    defaults = _config_defaults()
     mine, theirs = {**defaults, **run.config}, {**defaults, **twin.config}
     skip = set(_NOT_THE_EXPERIMENT) | set(_TWIN_MAY_DIFFER)
     differences = [f"{k}={theirs.get(k)}" for k in sorted((set(mine) | set(theirs)) - skip)
@@ -351,10 +357,7 @@ def train_command(config: dict) -> str:
     the other settings only where they differ from TrainConfig's defaults; ``threads``,
     ``progress`` and ``resume`` (which do not change the result) never.
     """
-    from .train import TrainConfig
-
-    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(TrainConfig)}
+    defaults = _config_defaults()
     parts = ["onebit", "train", str(config["model"])]
     flags = [
         ("dataset", "--dataset"), ("data_dir", "--data-dir"), ("epochs", "--epochs"),
