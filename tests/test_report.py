@@ -181,6 +181,9 @@ def test_twin_trained_like_the_run_is_preferred_and_other_settings_are_shown(tmp
     report._pair_twins([unlike, like, binary, longer])
     assert binary.twin is like and report.twin_differences(binary, like) == []
     assert longer.twin is like and report.twin_differences(longer, like) == ["epochs=4"]
+    seed3 = run("binary_seed3", "binarynet_mlp", 10.0, seed=3)
+    report._pair_twins([run("0_float_seed0", "float_mlp", 9.0), like, seed3])
+    assert seed3.twin is like  # the same seed breaks the tie
     table = report.render_markdown([unlike, like, binary, longer], {})
     assert "| 9.00% (a_like) | +1.00 pp |" in table
     assert "| 9.00% (a_like; trained with epochs=4) | +1.00 pp |" in table

@@ -330,7 +330,8 @@ def _pair_twins(runs: list[Run]) -> None:
                 return (r.recipe or "").removesuffix(" (float twin)") == (run.recipe or "")
 
             candidates.sort(key=lambda r: (len(twin_differences(run, r)), abs(r.epochs - run.epochs),
-                                           not same_recipe(r), str(r.path)))
+                                           not same_recipe(r), r.config.get("seed") != run.config.get("seed"),
+                                           str(r.path)))
             run.twin = candidates[0]
 
 
