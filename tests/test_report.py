@@ -189,6 +189,29 @@ def test_twin_trained_like_the_run_is_preferred_and_other_settings_are_shown(tmp
     assert "| 9.00% (a_like; trained with epochs=4) | +1.00 pp |" in table
 
 
+def test_repeated_runs_show_their_float_twin_group_and_the_gap_of_means(tmp_path):
+    def run(name, model, error, seed, **settings):
+        config = {"model": model, "dataset": "digits", "epochs": 4, "lr_scaling": model != "float_mlp",
+                  "out": f"runs/{name}", "seed": seed, **settings}
+        return report.Run(path=tmp_path / name, result={"test_accuracy": 1 - error / 100, "epochs": 4},
+                          config=config, history=[], model_kwargs={"hidden": 32, "depth": 1})
+
+    runs = [run("bin_s0", "binarynet_mlp", 10.0, 0), run("bin_s1", "binarynet_mlp", 12.0, 1),
+            run("float_s0", "float_mlp", 8.0, 0), run("float_s1", "float_mlp", 8.5, 1),
+            run("bin_hinge_s0", "binarynet_mlp", 11.0, 0, loss="square_hinge"),
+            run("bin_hinge_s1", "binarynet_mlp", 11.0, 1, loss="square_hinge")]
+    report._pair_twins(runs)
+    table = report.render_markdown(runs, {})
+    rows = {line.split(" | ")[-1].rstrip(" |"): line for line in table.splitlines() if "± " in line}
+    plain, hinge, floats = rows["bin_s0, bin_s1"], rows["bin_hinge_s0, bin_hinge_s1"], rows["float_s0, float_s1"]
+    assert "| 11.00 ± 1.41% | 8.25 ± 0.35% | +2.75 pp |" in plain
+    assert "| 11.00 ± 0.00% | 8.25 ± 0.35% | +2.75 pp |" in hinge
+    assert "| (float) | — |" in floats
+    # each group is told apart from its nearest neighbour only
+    assert "| loss=square_hinge |" in hinge and "| loss=None |" in plain
+    assert "model=float_mlp" in floats and "loss" not in floats
+
+
 def test_command_reproduces_augmentation_schedule_and_memory_options(tmp_path):
     from onebit.cli import main
 

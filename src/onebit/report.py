@@ -443,16 +443,29 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _difference(run: Run, others: Sequence[Run]) -> str:
-    """How ``run``'s settings differ from the settings all ``others`` share, e.g. ``loss=cross_entropy``."""
+    """How ``run``'s settings differ from those of the most similar of ``others``, e.g. ``loss=cross_entropy``."""
     def flat(config: dict) -> dict:
         items = {k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT and k != "model_kwargs"}
         items.update({f"-m {k}": v for k, v in (config.get("model_kwargs") or {}).items()})
         return items
 
     mine = flat(run.config)
-    theirs = [flat(o.config) for o in others]
-    differing = [k for k in sorted(mine) if any(t.get(k) != mine[k] for t in theirs)]
-    return ", ".join(f"{k}={mine[k]}" for k in differing) or "—"
+
+    def differing(other: Run) -> list[str]:
+        theirs = flat(other.config)
+        return [k for k in sorted(set(mine) | set(theirs)) if not _same(mine.get(k), theirs.get(k))]
+
+    if not others:
+        return "—"
+    nearest = min(others, key=lambda o: (len(differing(o)), str(o.path)))
+    return ", ".join(f"{k}={mine.get(k)}" for k in differing(nearest)) or "—"
+
+
+def _twin_group(group: Sequence[Run], groups: Sequence[Sequence[Run]]) -> Sequence[Run] | None:
+    """The repeated float runs that are the twins of ``group``'s runs, if they form one group."""
+    twins = {id(r.twin) for r in group if r.twin is not None}
+    found = [g for g in groups if twins & {id(r) for r in g}]
+    return found[0] if len(found) == 1 else None
 
 
 def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[str] = ()) -> str:
@@ -505,15 +518,23 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
     groups = seed_groups(runs)
     if groups:
         lines += ["## Repeated runs (mean ± sample std over seeds)", "",
-                  "| setting | what differs from the other groups | dataset | epochs | seeds | test error | runs |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Each group's float twin group holds the float twins of its runs; the gap is between the means.", "",
+                  "| setting | differs from the nearest group in | dataset | epochs | seeds | test error "
+                  "| float twin group's error | gap | runs |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for group in groups:
             first = group[0]
             others = [g[0] for g in groups if g is not group and g[0].dataset == first.dataset]
             mean, std = _mean_std([r.error for r in group])
             seeds = ", ".join(str(r.config.get("seed")) for r in group)
+            twins = _twin_group(group, groups)
+            if twins:
+                twin_mean, twin_std = _mean_std([r.error for r in twins])
+                twin_cell, gap = f"{twin_mean:.2f} ± {twin_std:.2f}%", f"{mean - twin_mean:+.2f} pp"
+            else:
+                twin_cell, gap = ("(float)" if first.is_float else "—"), "—"
             lines.append(f"| {_label(first)} | {_difference(first, others)} | {first.dataset} | {first.epochs} | "
-                         f"{seeds} | {mean:.2f} ± {std:.2f}% | {', '.join(r.name for r in group)} |")
+                         f"{seeds} | {mean:.2f} ± {std:.2f}% | {twin_cell} | {gap} | {', '.join(r.name for r in group)} |")
         lines.append("")
 
     measured = [r for r in runs if r.result.get("peak_rss_mib") is not None]
