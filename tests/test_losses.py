@@ -1,12 +1,12 @@
-"""Losses: BinaryNet's squared hinge (analytic values, gradient, margins) and the registry."""
+"""Losses: BinaryNet's squared hinge (analytic values, gradient, margins), distillation, and the registry."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from onebit.errors import ShapeError, UnknownNameError
-from onebit.losses import LOSSES, SquareHingeLoss, get_loss, square_hinge_loss
+from onebit.errors import OnebitError, ShapeError, UnknownNameError
+from onebit.losses import LOSSES, SquareHingeLoss, distillation_loss, get_loss, square_hinge_loss
 
 
 def test_square_hinge_analytic_value():
@@ -84,3 +84,32 @@ def test_shape_errors():
         square_hinge_loss(torch.randn(4, 3), torch.tensor([0, 1]))
     with pytest.raises(ShapeError):
         square_hinge_loss(torch.randn(4, 3), torch.ones(4, 2))
+
+
+def test_distillation_loss_value_and_gradient():
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 3.0, -2.0]], requires_grad=True)
+    temperature = 2.0
+    loss = distillation_loss(student, teacher, temperature)
+    p_s, p_t = F.softmax(student / temperature, 1), F.softmax(teacher / temperature, 1)
+    expected = temperature**2 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    # d/ds of T²·KL(p_t ‖ p_s) averaged over N rows: T·(p_s − p_t)/N
+    assert torch.allclose(student.grad, temperature * (p_s - p_t).detach() / 2, atol=1e-6)
+    assert teacher.grad is None  # the teacher is a target, not trained
+
+
+def test_distillation_loss_is_zero_for_a_copy_of_the_teacher():
+    logits = torch.randn(5, 4, requires_grad=True)
+    loss = distillation_loss(logits, logits.detach().clone(), temperature=4.0)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert logits.grad.abs().max() < 1e-6
+
+
+def test_distillation_loss_bad_input():
+    with pytest.raises(ShapeError, match="one shape"):
+        distillation_loss(torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(OnebitError, match="temperature must be positive"):
+        distillation_loss(torch.randn(4, 3), torch.randn(4, 3), temperature=0.0)

@@ -91,6 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         flip=args.flip,
         cutout=args.cutout,
         compressed=args.compressed,
+        teacher=args.teacher,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
         scheduler_kwargs=dict(args.scheduler_arg) if args.scheduler_arg else None,
     )
     model_kwargs = _model_kwargs(args.model_arg)
@@ -352,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cutout", type=int, help="cutout square size in pixels (default 0: none)")
     train.add_argument("--compressed", choices=["stochastic", "mean"],
                        help="compressed learning: keep 1-2 bit activations for the backward pass (onebit.memory)")
+    train.add_argument("--teacher", metavar="CHECKPOINT",
+                       help="distill from this trained network's outputs (onebit.distill)")
+    train.add_argument("--distill-weight", type=float, metavar="W",
+                       help="with --teacher: loss = (1 - W) task loss + W distillation loss (default 0.5)")
+    train.add_argument("--distill-temperature", type=float, metavar="T",
+                       help="with --teacher: softmax temperature of the distillation loss (default 4)")
     train.add_argument("--val-fraction", type=float, help="share of the training set held out (default 0.1)")
     train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")

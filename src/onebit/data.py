@@ -293,6 +293,12 @@ class BatchLoader:
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _, x, y in self.indexed():
+            yield x, y
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The same batches as iterating the loader, each as ``(indices, x, y)``: which samples
+        of the dataset the batch holds, e.g. to look up per-sample values such as a teacher's outputs."""
         order = self.indices()
         generator = None
         if self.augment is not None:
@@ -302,7 +308,7 @@ class BatchLoader:
             x = self._x.index_select(0, idx)
             if self.augment is not None:
                 x = self.augment(x, generator)
-            yield x, self._y.index_select(0, idx)
+            yield idx, x, self._y.index_select(0, idx)
 
 
 # --------------------------------------------------------------------------- locating and downloading files

@@ -6,16 +6,19 @@ the usual softmax cross-entropy. Both take logits ``(N, C)`` and integer class l
     from onebit.losses import get_loss
     loss_fn = get_loss("square_hinge")
     loss = loss_fn(model(x), y)
+
+:func:`distillation_loss` compares a student's logits with a teacher's (knowledge distillation,
+used with ``onebit train --teacher CHECKPOINT``; see :mod:`onebit.distill`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ShapeError
+from .errors import OnebitError, ShapeError
 from .registry import Registry
 
-__all__ = ["LOSSES", "SquareHingeLoss", "get_loss", "square_hinge_loss"]
+__all__ = ["LOSSES", "SquareHingeLoss", "distillation_loss", "get_loss", "square_hinge_loss"]
 
 LOSSES = Registry("loss")
 
@@ -52,6 +55,24 @@ def square_hinge_loss(logits: Tensor, target: Tensor) -> Tensor:
     """
     signed = _signed_targets(logits, target)
     return torch.clamp_min(1.0 - signed * logits, 0.0).square().mean()
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Hinton et al.'s (2015) knowledge-distillation loss, ``T² · KL(softmax(t/T) ‖ softmax(s/T))``
+    averaged over the batch.
+
+    The ``T²`` keeps the gradient's scale independent of the temperature: the gradient with
+    respect to the student's logits is ``T · (softmax(s/T) − softmax(t/T)) / N``. No gradient
+    flows into ``teacher_logits``.
+    """
+    if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
+        raise ShapeError(f"distillation needs student and teacher logits of one shape (N, C), got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if not temperature > 0:
+        raise OnebitError(f"distillation temperature must be positive, got {temperature}")
+    student = torch.log_softmax(student_logits / temperature, dim=1)
+    teacher = torch.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    return temperature**2 * nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True)
 
 
 class SquareHingeLoss(nn.Module):

@@ -378,9 +378,12 @@ def train_command(config: dict) -> str:
             parts.append(flag)
     if config.get("augment") and config.get("crop_padding") is not None:
         parts += ["--crop-padding", str(config["crop_padding"])]
-    for key, flag in (("cutout", "--cutout"), ("compressed", "--compressed")):
+    for key, flag in (("cutout", "--cutout"), ("compressed", "--compressed"), ("teacher", "--teacher")):
         if config.get(key):
             parts += [flag, str(config[key])]
+    if config.get("teacher"):
+        parts += ["--distill-weight", repr(config.get("distill_weight", defaults["distill_weight"])),
+                  "--distill-temperature", repr(config.get("distill_temperature", defaults["distill_temperature"]))]
     for key, value in (config.get("scheduler_kwargs") or {}).items():
         parts += ["--scheduler-arg", f"{key}={_cli_value(value)}"]
     if config.get("out"):

@@ -45,7 +45,7 @@ from .distributed import DistContext, setup, sync_batch_norm
 from .errors import CheckpointError, OnebitError
 from .files import atomic_write, zip_integrity_error
 from .layers import clip_latent_weights
-from .losses import get_loss
+from .losses import distillation_loss, get_loss
 from .memory import peak_rss
 from .memory import compressed_activations
 from .models import create_model
@@ -88,6 +88,9 @@ class TrainConfig:
     flip: bool = False
     cutout: int = 0
     compressed: str | None = None  # "stochastic" or "mean": compressed learning, see onebit.memory
+    teacher: str | None = None  # checkpoint of a trained network to distill from, see onebit.distill
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -100,6 +103,10 @@ class TrainConfig:
             raise OnebitError(f"crop padding must be >= 0 pixels, got {self.crop_padding}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise OnebitError(f"learning rate must be a positive number, got {self.lr}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise OnebitError(f"distillation weight must be in [0, 1], got {self.distill_weight}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise OnebitError(f"distillation temperature must be a positive number, got {self.distill_temperature}")
         if self.amp and self.device == "cpu":
             raise OnebitError("mixed precision (amp) is for CUDA devices; drop --amp or use --device cuda")
 
@@ -300,7 +307,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     resume_state = load_checkpoint(out / "last.pt") if config.resume else None
     if resume_state is not None:
         saved = dict(resume_state["config"])
-        for key in ("model", "dataset", "model_kwargs", "seed", "batch_size", "optimizer", "loss", "scheduler"):
+        for key in ("model", "dataset", "model_kwargs", "seed", "batch_size", "optimizer", "loss", "scheduler",
+                    "teacher"):
             if saved.get(key) != getattr(config, key):
                 raise CheckpointError(
                     f"cannot resume: {key} was {saved.get(key)!r} in {out / 'last.pt'}, now {getattr(config, key)!r}"
@@ -331,6 +339,13 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     augment = Augment(crop_padding=crop, flip=config.flip, cutout=config.cutout) if crop or config.flip or config.cutout else None
     train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=config.seed, augment=augment,
                                rank=context.rank, world_size=context.world_size)
+    teacher = None
+    if config.teacher:
+        from .distill import Teacher
+
+        teacher = Teacher(config.teacher, model_kwargs["in_shape"], num_classes, device)
+        if augment is None:
+            teacher.remember(train_set, progress=config.progress and main)
     eval_batch = max(config.batch_size, 256)
     val_loader = BatchLoader(val_set, eval_batch) if len(val_set) else None
     test_loader = BatchLoader(test_set, eval_batch)
@@ -388,8 +403,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                 if context.distributed:
                     torch.manual_seed(_epoch_seed(config.seed, epoch, context.rank))
                 running_loss, correct, seen = 0.0, 0, 0
-                bar = _progress(train_loader, len(train_loader), f"epoch {epoch + 1}/{config.epochs}", progress)
-                for batch_index, (x, y) in enumerate(bar):
+                bar = _progress(train_loader.indexed(), len(train_loader), f"epoch {epoch + 1}/{config.epochs}", progress)
+                for batch_index, (indices, x, y) in enumerate(bar):
                     if batch_index < skip_batches:
                         continue
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -397,6 +412,9 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     with autocast:
                         logits = trained(x)
                         loss = loss_fn(logits.float(), y)
+                        if teacher is not None:
+                            soft = distillation_loss(logits.float(), teacher.logits(x, indices), config.distill_temperature)
+                            loss = (1 - config.distill_weight) * loss + config.distill_weight * soft
                     if not torch.isfinite(loss):
                         raise OnebitError(
                             f"loss became {float(loss.detach())} at epoch {epoch + 1}, batch {batch_index + 1}; "
