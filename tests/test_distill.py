@@ -11,14 +11,12 @@ from onebit.data import load_dataset
 from onebit.distill import Teacher
 from onebit.errors import CheckpointError, OnebitError
 from onebit.report import train_command
-from onebit.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from onebit.train import load_checkpoint, model_from_checkpoint, train
+from trainconfigs import digits_config
 
 
-def digits_run(out, model="binarynet_mlp", **overrides):
-    settings = dict(model=model, dataset="digits", model_kwargs={"hidden": 128, "depth": 2}, epochs=2,
-                    batch_size=64, lr=1e-2, out=str(out), progress=False, threads=1)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+def digits_run(out, **overrides):
+    return digits_config(out, **{"model_kwargs": {"hidden": 128, "depth": 2}, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from onebit.errors import OnebitError
 from onebit.memory import saved_activation_bytes
 from onebit.models import create_model
 from onebit.recipes import recipe_config
-from onebit.train import TrainConfig, load_checkpoint, train
+from onebit.train import load_checkpoint, train
+from trainconfigs import digits_config
 
 
-def tiny(out, model="binarynet_mlp", epochs=2, **kwargs):
-    return TrainConfig(model=model, dataset="digits", model_kwargs={"hidden": 32, "depth": 1}, epochs=epochs,
-                       batch_size=64, lr=1e-2, out=str(out), progress=False, threads=1, **kwargs)
+def tiny(out, **overrides):
+    return digits_config(out, model_kwargs={"hidden": 32, "depth": 1}, **overrides)
 
 
 @pytest.fixture(scope="module")

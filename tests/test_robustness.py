@@ -9,32 +9,26 @@ from onebit import robustness as rb
 from onebit.data import BatchLoader, load_dataset
 from onebit.errors import ConfigError, OnebitError, ShapeError
 from onebit.losses import get_loss
-from onebit.train import TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, train
+from onebit.train import evaluate, load_checkpoint, model_from_checkpoint, train
+from trainconfigs import digits_config
 
 SIGMAS = (0.0, 0.5, 2.0)
 EPSILONS = (0.0, 0.1, 0.5)
-
-
-def tiny(out, model="binarynet_mlp", **kwargs):
-    settings = dict(model=model, dataset="digits", model_kwargs={"hidden": 64, "depth": 1}, epochs=3,
-                    batch_size=64, lr=1e-2, out=str(out), progress=False, threads=1)
-    settings.update(kwargs)
-    return TrainConfig(**settings)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("robust")
     paths = []
-    train(tiny(root / "bnn", loss="square_hinge"))
+    train(digits_config(root / "bnn", epochs=3, loss="square_hinge"))
     paths.append(root / "bnn" / "last.pt")
     try:  # 2-bit activations, where the model builders accept quantizer arguments
-        train(tiny(root / "qnn2", model_kwargs={"hidden": 64, "depth": 1, "input_quantizer": "kbit",
+        train(digits_config(root / "qnn2", epochs=3, model_kwargs={"hidden": 64, "depth": 1, "input_quantizer": "kbit",
                                                 "input_quantizer_args": {"bits": 2}}))
         paths.append(root / "qnn2" / "last.pt")
     except OnebitError:
         pass
-    train(tiny(root / "float", model="float_mlp"))
+    train(digits_config(root / "float", model="float_mlp", epochs=3))
     paths.append(root / "float" / "last.pt")
     return paths
 
