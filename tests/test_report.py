@@ -208,8 +208,23 @@ def test_repeated_runs_show_their_float_twin_group_and_the_gap_of_means(tmp_path
     assert "| 11.00 ± 0.00% | 8.25 ± 0.35% | +2.75 pp |" in hinge
     assert "| (float) | — |" in floats
     # each group is told apart from its nearest neighbour only
-    assert "| loss=square_hinge |" in hinge and "| loss=None |" in plain
+    assert "| loss=square_hinge |" in hinge and "| loss=cross_entropy |" in plain
     assert "model=float_mlp" in floats and "loss" not in floats
+
+
+def test_settings_that_other_settings_make_moot_do_not_split_repeats(tmp_path):
+    def run(name, seed, **settings):
+        config = {"model": "binarynet_mlp", "dataset": "digits", "seed": seed, **settings}
+        return report.Run(path=tmp_path / name, result={"test_accuracy": 0.9, "epochs": 2}, config=config,
+                          history=[], model_kwargs={})
+
+    # a crop padding without augmentation, distillation settings without a teacher, a setting the
+    # folder predates (counted as its default): all the same experiment
+    runs = [run("a", 0, augment=False, crop_padding=2), run("b", 1, distill_weight=0.9),
+            run("c", 2, teacher=None, distill_weight=0.5, distill_temperature=4.0)]
+    assert [len(g) for g in report.seed_groups(runs)] == [3]
+    distilled = [run("d", 0, teacher="t.pt", distill_weight=0.9), run("e", 1, teacher="t.pt", distill_weight=0.5)]
+    assert report.seed_groups(distilled) == []
 
 
 def test_command_reproduces_augmentation_schedule_and_memory_options(tmp_path):

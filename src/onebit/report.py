@@ -284,6 +284,23 @@ def _config_defaults() -> dict:
             for f in dataclasses.fields(TrainConfig)}
 
 
+#: settings that do not define an experiment: runs differing only in these are repeats
+_NOT_THE_EXPERIMENT = ("seed", "out", "resume", "progress", "threads", "data_dir", "device")
+
+
+def _settings(config: dict) -> dict:
+    """The experiment's training settings: ``config`` over TrainConfig's defaults (a run folder may
+    predate a setting), minus those that do not define the experiment and those that a run's other
+    settings make moot (the crop padding without augmentation, distillation without a teacher)."""
+    settings = {**_config_defaults(), **config}
+    moot = set(_NOT_THE_EXPERIMENT)
+    if not settings.get("augment"):
+        moot.add("crop_padding")
+    if not settings.get("teacher"):
+        moot |= {"distill_weight", "distill_temperature"}
+    return {k: v for k, v in settings.items() if k not in moot}
+
+
 # a float twin differs here by design (lr_scaling is for binary weights; model_kwargs are compared
 # after the quantization arguments are dropped); the recipe name is a label, not a setting
 _TWIN_MAY_DIFFER = ("model", "model_kwargs", "lr_scaling", "recipe")
@@ -294,10 +311,8 @@ def twin_differences(run: Run, twin: Run) -> list[str]:
     (settings a run folder predates count as their defaults)."""
     from .recipes import twin_model_kwargs
 
-    defaults = _config_defaults()
-    mine, theirs = {**defaults, **run.config}, {**defaults, **twin.config}
-    skip = set(_NOT_THE_EXPERIMENT) | set(_TWIN_MAY_DIFFER)
-    differences = [f"{k}={theirs.get(k)}" for k in sorted((set(mine) | set(theirs)) - skip)
+    mine, theirs = _settings(run.config), _settings(twin.config)
+    differences = [f"{k}={theirs.get(k)}" for k in sorted((set(mine) | set(theirs)) - set(_TWIN_MAY_DIFFER))
                    if mine.get(k) != theirs.get(k)]
     my_kwargs, their_kwargs = twin_model_kwargs(run.model_kwargs), twin_model_kwargs(twin.model_kwargs)
     # a model argument left out means the model's default, which only the model knows: compare shared ones
@@ -426,16 +441,12 @@ def _matches_paper(run: Run, entry: dict) -> bool:
     return not any(k in (run.config.get("model_kwargs") or {}) for k in _QUANTIZER_OVERRIDES)
 
 
-#: settings that do not define an experiment: runs differing only in these are repeats
-_NOT_THE_EXPERIMENT = ("seed", "out", "resume", "progress", "threads", "data_dir", "device")
-
-
 def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
     """Runs that share every training setting but the seed (and paths), in groups of two or more."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         if run.config.get("model") and run.error is not None:
-            key = json.dumps({k: v for k, v in run.config.items() if k not in _NOT_THE_EXPERIMENT}, sort_keys=True)
+            key = json.dumps(_settings(run.config), sort_keys=True, default=str)
             groups.setdefault(key, []).append(run)
     return [group for group in groups.values() if len({r.config.get("seed") for r in group}) >= 2]
 
@@ -448,7 +459,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _difference(run: Run, others: Sequence[Run]) -> str:
     """How ``run``'s settings differ from those of the most similar of ``others``, e.g. ``loss=cross_entropy``."""
     def flat(config: dict) -> dict:
-        items = {k: v for k, v in config.items() if k not in _NOT_THE_EXPERIMENT and k != "model_kwargs"}
+        items = {k: v for k, v in _settings(config).items() if k != "model_kwargs"}
         items.update({f"-m {k}": v for k, v in (config.get("model_kwargs") or {}).items()})
         return items
 
