@@ -191,3 +191,13 @@ def test_no_augment_and_no_flip_turn_a_recipes_augmentation_off():
     args = build_parser().parse_args(["train", "--recipe", "binarynet_cnn_fmnist_wide", "--no-augment", "--no-flip"])
     assert (args.augment, args.flip) == (False, False)
     assert build_parser().parse_args(["train", "x"]).augment is None  # unset: the recipe decides
+
+
+def test_every_memory_code_is_a_compressed_choice():
+    from onebit.cli import build_parser
+    from onebit.memory import CODES
+
+    for code in CODES:
+        assert build_parser().parse_args(["train", "float_mlp", "--compressed", code]).compressed == code
+    bad = run_cli("train", "float_mlp", "--compressed", "bogus")
+    assert bad.returncode == 2 and "bogus" in bad.stderr and all(code in bad.stderr for code in CODES)

@@ -353,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                        help="random horizontal flips (--no-flip turns a recipe's off)")
     train.add_argument("--cutout", type=int, help="cutout square size in pixels (default 0: none)")
-    train.add_argument("--compressed", choices=["stochastic", "mean"],
-                       help="compressed learning: keep 1-2 bit activations for the backward pass (onebit.memory)")
+    train.add_argument("--compressed", choices=["mean", "stochastic", "rounded"],  # onebit.memory.CODES, without importing torch
+                       help="compressed learning: keep 1 (mean), 2 (stochastic) or 3 (rounded) bits per "
+                            "activation for the backward pass (onebit.memory)")
     train.add_argument("--teacher", metavar="CHECKPOINT",
                        help="distill from this trained network's outputs (onebit.distill)")
     train.add_argument("--distill-weight", type=float, metavar="W",

@@ -555,7 +555,7 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
     if measured:
         lines += ["## Memory and time per epoch", "",
                   "Peak RSS: the training process's high-water mark (data, model, optimizer state, activations);",
-                  "compressed learning keeps a 1-bit copy of each ReLU activation for the backward pass",
+                  "compressed learning keeps a 1- to 3-bit copy of each ReLU activation for the backward pass",
                   "(`onebit.memory`). Saved activations: what autograd keeps for the backward pass of one",
                   "training batch, measured with `saved_tensors_hooks` on a fresh copy of the run's model.", "",
                   "| run | recipe / model | compressed learning | batch | seconds per epoch | saved activations per batch "

@@ -87,7 +87,7 @@ class TrainConfig:
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     flip: bool = False
     cutout: int = 0
-    compressed: str | None = None  # "stochastic" or "mean": compressed learning, see onebit.memory
+    compressed: str | None = None  # an activation code of onebit.memory.CODES: compressed learning
     teacher: str | None = None  # checkpoint of a trained network to distill from, see onebit.distill
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
