@@ -69,17 +69,19 @@ module's reading of it (unbiased Bernoulli binarization with a per-channel max s
 ``code="mean"``, ``code="rounded"`` and the BN reconstructions are this module's own choices,
 stated above. None is a reproduction of the abstract's exact scheme.
 
-Measured (:func:`measure_memory` defaults: WRN-20-4 with 1-bit weights, batch 128, 3×32×32
-random input, 1 thread): saved for backward 754.2 MiB with float autograd, 24.9 MiB with
-``code="stochastic"`` (1/30), 13.4 MiB with ``code="mean"`` (1/56), 765.7 MiB with only the
-ReLUs swapped; peak RSS of a training step 790 → 284 / 279 MiB (×0.36 / ×0.35; with glibc's
-default malloc settings 934 → 536 / 415 MiB): the forward and backward working set of the widest
-stage remains, so at small sizes (WRN-20-1, batch 32) the compressed step peaks no lower. Cosine similarity of the compressed to the
-exact gradient, per parameter, min/median: 0.45/0.48 (stochastic), 0.67/0.69 (mean). Yet in a
+Measured (``onebit memory --width 4 --batch 128``: WRN-20-4 with 1-bit weights, batch 128,
+3×32×32 random input, 1 thread): saved for backward 754.2 MiB with float autograd, 13.4 MiB
+with ``code="mean"`` (1/56), 24.9 MiB with ``"stochastic"`` (1/30), 36.4 MiB with ``"rounded"``
+(1/21), 765.7 MiB with only the ReLUs swapped; peak RSS of a training step 791 → 304 / 309 /
+346 MiB (×0.38 / ×0.39 / ×0.44): the forward and backward working set of the widest stage
+remains (the backward multiplies by the mask as 0/1 floats, a full-size temporary, because
+that is ~7× faster than ``torch.where`` on CPU), so at small sizes (WRN-20-1, batch 32) the
+compressed step peaks no lower. Cosine similarity of the compressed to the exact gradient, per
+parameter, min/median: 0.67/0.69 (mean), 0.44/0.48 (stochastic), 0.80/0.83 (rounded). In a
 short training run (WRN-20-1, 5000 Fashion-MNIST images, 4 epochs, SGD 0.1, one seed) the
 training loss ended at 0.81 (float), 0.85 (stochastic) and 1.14 (mean, with a rise in epoch 3):
 the unbiased code trains close to exact gradients, the biased one does not; evidence from one
-small run only.
+small run only. Full runs are in docs/results.md.
 
 Measuring: :func:`saved_activation_bytes` sums the distinct storages saved for backward during
 one forward (``torch.autograd.graph.saved_tensors_hooks``), :func:`training_step_peak_rss` the
