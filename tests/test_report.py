@@ -268,3 +268,20 @@ def test_memory_section_lists_runs_that_measured_their_peak(tmp_path):
     expected = saved_activation_bytes(model, torch.zeros(125, 1, 8, 8)).activations / 2**20
     assert float_mib == pytest.approx(expected, abs=0.05)
     assert "| old |" not in section
+
+
+def test_compressed_runs_are_set_against_their_exact_gradient_run(tmp_path):
+    def wrn_run(name, compressed, seed, accuracy, lr=0.1):
+        return report.Run(path=tmp_path / name, result={"test_accuracy": accuracy, "epochs": 2, "seconds": 200.0},
+                          config={"model": "wrn_1bit", "dataset": "digits", "compressed": compressed, "seed": seed,
+                                  "lr": lr},
+                          history=[], model_kwargs={"depth": 8, "width": 1})
+
+    runs = [wrn_run("exact_s0", None, 0, 0.90), wrn_run("exact_s1", None, 1, 0.80),
+            wrn_run("rounded_s1", "rounded", 1, 0.79), wrn_run("mean_s0_other_lr", "mean", 0, 0.5, lr=0.2)]
+    assert [(c.name, e.name) for c, e in report.compressed_pairs(runs)] == [("rounded_s1", "exact_s1")]
+    text = report.render_markdown(runs, {})
+    section = text.split("## What compressed learning costs", 1)[1].split("##", 1)[0]
+    assert "| rounded_s1 | rounded | 21.00% | exact_s1 | 20.00% | +1.00 pp | 100 s vs 100 s |" in section
+    assert "mean_s0_other_lr" not in section
+    assert "What compressed learning costs" not in report.render_markdown(runs[:2], {})

@@ -451,6 +451,19 @@ def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
     return [group for group in groups.values() if len({r.config.get("seed") for r in group}) >= 2]
 
 
+def compressed_pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
+    """Each compressed-learning run with the run trained exactly like it but with exact gradients
+    (every setting equal but ``compressed``; the same seed), where one exists."""
+    def key(run: Run) -> str:
+        settings = _settings(run.config)
+        settings.pop("compressed", None)
+        return json.dumps({**settings, "seed": run.config.get("seed", 0)}, sort_keys=True, default=str)
+
+    exact = {key(r): r for r in runs if r.config.get("model") and not r.config.get("compressed") and r.error is not None}
+    return [(r, exact[key(r)]) for r in runs
+            if r.config.get("compressed") and r.error is not None and key(r) in exact]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
@@ -549,6 +562,19 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
                 twin_cell, gap = ("(float)" if first.is_float else "—"), "—"
             lines.append(f"| {_label(first)} | {_difference(first, others)} | {first.dataset} | {first.epochs} | "
                          f"{seeds} | {mean:.2f} ± {std:.2f}% | {twin_cell} | {gap} | {', '.join(r.name for r in group)} |")
+        lines.append("")
+
+    pairs = compressed_pairs(runs)
+    if pairs:
+        lines += ["## What compressed learning costs", "",
+                  "Each compressed-learning run against the run with every setting (seed included) equal but",
+                  "exact gradients; cost = the difference in test error.", "",
+                  "| run | activation code | test error | exact-gradient run | its error | cost | seconds per epoch |",
+                  "|---|---|---|---|---|---|---|"]
+        for run, exact in pairs:
+            lines.append(f"| {run.name} | {run.config['compressed']} | {_fmt_err(run.error)} | {exact.name} | "
+                         f"{_fmt_err(exact.error)} | {run.error - exact.error:+.2f} pp | "
+                         f"{(run.seconds or 0.0) / max(run.epochs, 1):.0f} s vs {(exact.seconds or 0.0) / max(exact.epochs, 1):.0f} s |")
         lines.append("")
 
     measured = [r for r in runs if r.result.get("peak_rss_mib") is not None]
