@@ -49,6 +49,8 @@ def test_pack_unpack_roundtrip(shape):
     n = mask.numel()
     assert packed.dtype == torch.uint8 and packed.shape == ((n + 7) // 8,)
     assert torch.equal(unpack_bits(packed, shape), mask)
+    as_floats = unpack_bits(packed, shape, torch.float32)
+    assert as_floats.dtype == torch.float32 and torch.equal(as_floats, mask.float())
 
 
 def test_pack_bits_is_least_significant_bit_first():

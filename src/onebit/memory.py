@@ -159,14 +159,14 @@ def pack_bits(mask: Tensor) -> Tensor:
     return (bits << _shifts(mask.device)).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: Tensor, shape) -> Tensor:
-    """The boolean tensor of ``shape`` that :func:`pack_bits` packed into ``packed``."""
+def unpack_bits(packed: Tensor, shape, dtype: torch.dtype = torch.bool) -> Tensor:
+    """The tensor of ``shape`` that :func:`pack_bits` packed into ``packed``: booleans, or 0/1 of ``dtype``."""
     shape = tuple(shape)
     n = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != (n + 7) // 8:
         raise ShapeError(f"{tuple(packed.shape)} {packed.dtype} bytes cannot hold {n} bits of shape {shape}")
     bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
-    return bits.view(-1)[:n].view(shape).bool()
+    return bits.view(-1)[:n].view(shape).to(dtype)
 
 
 # --------------------------------------------------------------------------- exact, cheap-to-save layers
@@ -180,7 +180,7 @@ class _CompressedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (packed,) = ctx.saved_tensors
-        return torch.where(unpack_bits(packed, ctx.shape), grad, 0)
+        return grad * unpack_bits(packed, ctx.shape, grad.dtype)
 
 
 def compressed_relu(x: Tensor) -> Tensor:
@@ -346,11 +346,11 @@ class _BNReLUConv(torch.autograd.Function):
         need_x, need_w, need_g, need_b, need_cb = ctx.needs_input_grad[:5]
         shape = ctx.shape
         view = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
-        on = unpack_bits(packed, shape).to(grad.dtype)  # the mask as 0/1: multiplies are cheaper than where
+        on = unpack_bits(packed, shape, grad.dtype)  # the mask as 0/1: multiplies are cheaper than where
         if spec.code == "rounded":
             half = extra.numel() // 2
             low, step = _grid_at(level, on)
-            x_tilde = unpack_bits(extra[half:], shape).to(grad.dtype).mul_(2).add_(unpack_bits(extra[:half], shape))
+            x_tilde = unpack_bits(extra[half:], shape, grad.dtype).mul_(2).add_(unpack_bits(extra[:half], shape, grad.dtype))
             x_tilde = x_tilde.mul_(step).add_(low)
             del low, step
             a_hat = x_tilde * on if gamma is None else x_tilde * view(gamma)
@@ -358,7 +358,7 @@ class _BNReLUConv(torch.autograd.Function):
                 a_hat = (a_hat if beta is None else a_hat.add_(view(beta))).mul_(on)
         else:
             x_tilde = None
-            a_hat = (unpack_bits(extra, shape).to(grad.dtype) if extra is not None else on.clone()).mul_(view(level))
+            a_hat = (unpack_bits(extra, shape, grad.dtype) if extra is not None else on.clone()).mul_(view(level))
 
         w_leaf = None
         if spec.quantizer is not None:
