@@ -201,3 +201,15 @@ def test_every_memory_code_is_a_compressed_choice():
         assert build_parser().parse_args(["train", "float_mlp", "--compressed", code]).compressed == code
     bad = run_cli("train", "float_mlp", "--compressed", "bogus")
     assert bad.returncode == 2 and "bogus" in bad.stderr and all(code in bad.stderr for code in CODES)
+
+
+def test_recompute_bn_flag_turns_a_recipes_setting_on_and_off():
+    from onebit.cli import build_parser
+    from onebit.recipes import recipe_config
+
+    parse = lambda *extra: build_parser().parse_args(["train", "--recipe", "mcdonnell_wrn_fmnist", *extra])  # noqa: E731
+    assert parse().recompute_bn is None  # unset: the recipe decides
+    assert recipe_config("mcdonnell_wrn_fmnist", recompute_bn=parse().recompute_bn, out="x").recompute_bn is True
+    off = parse("--no-recompute-bn").recompute_bn
+    assert off is False and recipe_config("mcdonnell_wrn_fmnist", recompute_bn=off, out="x").recompute_bn is False
+    assert build_parser().parse_args(["train", "float_mlp", "--recompute-bn"]).recompute_bn is True

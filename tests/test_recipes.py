@@ -98,6 +98,9 @@ def test_published_values():
     assert (bc["lr"], bc["lr_end"], bc["epochs"], bc["model_kwargs"]["hidden"]) == (1e-3, 3e-6, 250, 2048)
     assert load_recipe("qnn4_mnist")["model_kwargs"]["input_quantizer_args"] == {"bits": 4}
     assert load_recipe("dorefa_svhn")["model_kwargs"]["weight_clip"] is None  # "none" in TOML
+    wrn = load_recipe("mcdonnell_wrn")
+    assert (wrn["lr"], wrn["batch_size"], wrn["weight_decay"], wrn["epochs"]) == (0.1, 125, 5e-4, 254)
+    assert wrn["recompute_bn"] and load_recipe("mcdonnell_wrn_fmnist")["recompute_bn"]  # Section 3.2.1
 
 
 def test_fmnist_variants_differ_only_in_dataset():

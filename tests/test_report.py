@@ -231,7 +231,7 @@ def test_command_reproduces_augmentation_schedule_and_memory_options(tmp_path):
     from onebit.cli import main
 
     original = dataclasses.asdict(tiny(tmp_path / "first", model="float_mlp", epochs=1, augment=True, crop_padding=1,
-                                       flip=True, cutout=2, compressed="stochastic", scheduler="sgdr",
+                                       flip=True, cutout=2, compressed="rounded", recompute_bn=True, scheduler="sgdr",
                                        scheduler_kwargs={"t0": 1}))
     argv = shlex.split(report.train_command(original))[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "again")

@@ -197,3 +197,40 @@ def test_latent_weights_stay_within_their_clip_range(tmp_path, lr):
     assert clipped
     for layer in clipped:
         assert layer.weight.abs().max() <= layer.weight_clip
+
+
+def test_recompute_bn_sets_the_statistics_from_the_training_set(tmp_path):
+    from onebit.data import BatchLoader, load_dataset, split_validation
+
+    train(small(tmp_path / "plain"))
+    result = train(small(tmp_path / "recomputed", recompute_bn=True))
+    plain = weights(tmp_path / "plain" / "run" / "last.pt")
+    recomputed = weights(tmp_path / "recomputed" / "run" / "last.pt")
+    statistics = [k for k in plain if "running_" in k or "num_batches_tracked" in k]
+    assert statistics
+    for key in plain:  # the same training; only the batch norms' statistics differ
+        if key not in statistics:
+            assert torch.equal(plain[key], recomputed[key]), key
+    assert not torch.allclose(plain[statistics[0]], recomputed[statistics[0]])
+
+    # the first BN's mean is the mean of its input over the training split (un-augmented)
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "plain" / "run" / "last.pt"))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    seen = []
+    norms[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    data, _ = split_validation(load_dataset("digits", "train"), 0.1, seed=0)
+    with torch.no_grad():
+        for x, _ in BatchLoader(data, 500):
+            model(x)
+    first = next(k for k in statistics if k.endswith("running_mean"))
+    expected = torch.cat(seen).mean(0)
+    assert torch.allclose(recomputed[first], expected, rtol=0.02, atol=0.02 * float(expected.abs().mean()))
+    assert not torch.allclose(plain[first], expected, rtol=0.02, atol=0.02 * float(expected.abs().mean()))
+
+    # best.pt (the last epoch here) and the reported test accuracy use the recomputed statistics
+    best = weights(tmp_path / "recomputed" / "run" / "best.pt")
+    assert all(torch.equal(best[k], recomputed[k]) for k in statistics)
+    reloaded = model_from_checkpoint(load_checkpoint(tmp_path / "recomputed" / "run" / "last.pt"))
+    with torch.no_grad():
+        hits = sum(int((reloaded(x).argmax(1) == y).sum()) for x, y in BatchLoader(load_dataset("digits", "test"), 500))
+    assert hits / len(load_dataset("digits", "test").labels) == pytest.approx(result.test["accuracy"])

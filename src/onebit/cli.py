@@ -91,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         flip=args.flip,
         cutout=args.cutout,
         compressed=args.compressed,
+        recompute_bn=args.recompute_bn,
         teacher=args.teacher,
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                        help="random horizontal flips (--no-flip turns a recipe's off)")
     train.add_argument("--cutout", type=int, help="cutout square size in pixels (default 0: none)")
+    train.add_argument("--recompute-bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="after the last epoch, set the batch norms' statistics from the whole training set "
+                            "(McDonnell 2018); --no-recompute-bn turns a recipe's off")
     train.add_argument("--compressed", choices=["mean", "stochastic", "rounded"],  # onebit.memory.CODES, without importing torch
                        help="compressed learning: keep 1 (mean), 2 (stochastic) or 3 (rounded) bits per "
                             "activation for the backward pass (onebit.memory)")

@@ -74,6 +74,7 @@ TRAIN_KEYS: dict[str, tuple[type, ...]] = {
     "cutout": (int,),
     "crop_padding": (int,),
     "compressed": (str,),
+    "recompute_bn": (bool,),
 }
 
 #: Top-level recipe keys that are not TrainConfig fields.

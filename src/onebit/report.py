@@ -388,7 +388,7 @@ def train_command(config: dict) -> str:
     for key, value in (config.get("model_kwargs") or {}).items():
         parts += ["-m", f"{key}={_cli_value(value)}"]
     for key, flag in (("lr_scaling", "--lr-scaling"), ("augment", "--augment"), ("flip", "--flip"),
-                      ("sync_bn", "--sync-bn"), ("amp", "--amp")):
+                      ("sync_bn", "--sync-bn"), ("amp", "--amp"), ("recompute_bn", "--recompute-bn")):
         if config.get(key):
             parts.append(flag)
     if config.get("augment") and config.get("crop_padding") is not None:
