@@ -470,7 +470,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _difference(run: Run, others: Sequence[Run]) -> str:
-    """How ``run``'s settings differ from those of the most similar of ``others``, e.g. ``loss=cross_entropy``."""
+    """How ``run``'s settings differ from those of the most similar of ``others`` (all of the equally
+    similar ones), e.g. ``loss=cross_entropy``."""
     def flat(config: dict) -> dict:
         items = {k: v for k, v in _settings(config).items() if k != "model_kwargs"}
         items.update({f"-m {k}": v for k, v in (config.get("model_kwargs") or {}).items()})
@@ -484,8 +485,10 @@ def _difference(run: Run, others: Sequence[Run]) -> str:
 
     if not others:
         return "—"
-    nearest = min(others, key=lambda o: (len(differing(o)), str(o.path)))
-    return ", ".join(f"{k}={mine.get(k)}" for k in differing(nearest)) or "—"
+    fewest = min(len(differing(o)) for o in others)
+    # several groups can be equally near (one differs in the model, another in a setting): name every difference
+    keys = sorted({k for o in others if len(differing(o)) == fewest for k in differing(o)})
+    return ", ".join(f"{k}={mine.get(k)}" for k in keys) or "—"
 
 
 def _twin_group(group: Sequence[Run], groups: Sequence[Sequence[Run]]) -> Sequence[Run] | None:
