@@ -365,8 +365,10 @@ def test_measure_memory_table_without_rss():
     assert [r.mode for r in rows] == list(MODES)
     assert rows[0].grad_cos_min == pytest.approx(1.0) and rows[1].grad_cos_min == pytest.approx(1.0)  # exact modes
     assert all(r.peak_rss is None for r in rows)
+    assert all(r.step_seconds > 0 for r in rows)
     table = format_memory_table(rows)
     assert table.splitlines()[0].startswith("mode") and "stochastic" in table and "saved 1/" in table
+    assert "step s" in table.splitlines()[0]
 
 
 @pytest.mark.slow
@@ -380,3 +382,4 @@ def test_measure_memory_with_peak_rss_in_fresh_processes():
     assert all(r.peak_rss is not None and r.peak_rss > 0 for r in rows.values())
     assert rows["stochastic"].peak_rss < 0.8 * rows["float"].peak_rss
     assert rows["mean"].peak_rss < 0.8 * rows["float"].peak_rss
+    assert rows["rounded"].peak_rss < 0.8 * rows["float"].peak_rss

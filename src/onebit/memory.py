@@ -109,6 +109,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 import types
 from typing import Callable, Iterator
 
@@ -651,7 +652,8 @@ class MemoryRow:
     ``mode``: ``"float"`` (plain autograd), ``"relu"`` (only ReLUs and pools swapped, fuse=False),
     ``"stochastic"`` / ``"mean"`` / ``"rounded"`` (compressed_activations with that code). ``grad_cos_min`` /
     ``grad_cos_median``: cosine similarity of each parameter's gradient to the float one.
-    ``peak_rss``: bytes, from a fresh process, or None when not measured.
+    ``peak_rss``: bytes, from a fresh process, or None when not measured. ``step_seconds``: the
+    median wall time of a training step (forward and backward) in this process, after a warm-up step.
     """
 
     mode: str
@@ -659,6 +661,7 @@ class MemoryRow:
     grad_cos_min: float
     grad_cos_median: float
     peak_rss: int | None
+    step_seconds: float
 
 
 def _setup(settings: dict) -> tuple[nn.Module, Tensor, Tensor]:
@@ -694,10 +697,10 @@ def _rss_child() -> None:
 
 def measure_memory(depth: int = 20, width: float = 4, batch: int = 128, size: int = 32, channels: int = 3, *,
                    float_weights: bool = False, threads: int = 1, seed: int = 0, rss: bool = True,
-                   malloc_default: bool = False) -> list[MemoryRow]:
-    """Saved-for-backward bytes, gradient fidelity and (``rss``) training-step peak RSS of a WRN
-    (``wrn_1bit``, or ``float_wrn`` with ``float_weights``) on a random batch, one
-    :class:`MemoryRow` per mode of :data:`MODES`.
+                   malloc_default: bool = False, timed_steps: int = 3) -> list[MemoryRow]:
+    """Saved-for-backward bytes, gradient fidelity, the time of a training step (median of
+    ``timed_steps``) and (``rss``) training-step peak RSS of a WRN (``wrn_1bit``, or ``float_wrn``
+    with ``float_weights``) on a random batch, one :class:`MemoryRow` per mode of :data:`MODES`.
 
     Each RSS figure comes from a fresh Python process running one training step. Unless
     ``malloc_default``, that process runs with glibc's ``MALLOC_MMAP_THRESHOLD_=131072``: by
@@ -717,6 +720,13 @@ def measure_memory(depth: int = 20, width: float = 4, batch: int = 128, size: in
             model.zero_grad(set_to_none=True)
             loss(model(x)).backward()
             grads = [p.grad.detach().flatten().clone() for p in model.parameters()]
+            times = []
+            for _ in range(max(timed_steps, 1)):
+                model.zero_grad(set_to_none=True)
+                started = time.perf_counter()
+                loss(model(x)).backward()
+                times.append(time.perf_counter() - started)
+            model.load_state_dict(state)  # the timed steps updated the BN running statistics
         reference = grads if reference is None else reference
         cos = sorted(float(F.cosine_similarity(g, r, dim=0)) for g, r in zip(grads, reference))
         peak = None
@@ -728,7 +738,7 @@ def measure_memory(depth: int = 20, width: float = 4, batch: int = 128, size: in
             done = subprocess.run([sys.executable, "-c", code, json.dumps({**settings, "mode": mode})],
                                   capture_output=True, text=True, check=True, env=env)
             peak = json.loads(done.stdout.strip().splitlines()[-1])["rss"]
-        rows.append(MemoryRow(mode, saved, cos[0], cos[len(cos) // 2], peak))
+        rows.append(MemoryRow(mode, saved, cos[0], cos[len(cos) // 2], peak, sorted(times)[len(times) // 2]))
     return rows
 
 
@@ -736,7 +746,7 @@ def format_memory_table(rows: list[MemoryRow]) -> str:
     """:func:`measure_memory`'s rows as a text table, ratios relative to the first (float) row."""
     mib = 2**20
     lines = [f"{'mode':<12}{'saved MiB':>11}{'ratio':>9}{'resident MiB':>14}{'grad cos min/median':>22}"
-             f"{'peak RSS MiB':>14}{'ratio':>8}"]
+             f"{'peak RSS MiB':>14}{'ratio':>8}{'step s':>9}{'ratio':>8}"]
     base = rows[0]
     for row in rows:
         ratio = row.saved / base.saved
@@ -745,5 +755,6 @@ def format_memory_table(rows: list[MemoryRow]) -> str:
         else:
             rss = f"{'-':>14}{'-':>8}"
         lines.append(f"{row.mode:<12}{row.saved.activations / mib:11.1f}{ratio:9.4f}{row.saved.resident / mib:14.1f}"
-                     f"{row.grad_cos_min:>13.4f} /{row.grad_cos_median:7.4f}{rss}  (saved 1/{1 / ratio:.1f})")
+                     f"{row.grad_cos_min:>13.4f} /{row.grad_cos_median:7.4f}{rss}"
+                     f"{row.step_seconds:9.3f}{row.step_seconds / base.step_seconds:8.2f}  (saved 1/{1 / ratio:.1f})")
     return "\n".join(lines)
