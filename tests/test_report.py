@@ -91,11 +91,19 @@ def test_markdown_has_tables_commands_and_paper_comparison(built):
 
 def test_curve_figures(built):
     out, _ = built
-    for dataset in ("digits", "mnist"):
-        png = out.parent / "figures" / f"curves_{dataset}.png"
+    for dataset in ("digits", "mnist"):  # one figure per dataset and architecture: a network with its float twin
+        png = out.parent / "figures" / f"curves_{dataset}_mlp.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"(figures/curves_{dataset}.png)" in out.read_text()
-    assert not (out.parent / "figures" / "curves_cifar10.png").exists()  # the bare run has no metrics
+        assert f"(figures/curves_{dataset}_mlp.png)" in out.read_text()
+    assert sorted(p.name for p in (out.parent / "figures").iterdir()) == ["curves_digits_mlp.png", "curves_mnist_mlp.png"]
+
+
+def test_family_joins_a_network_and_its_float_twin():
+    def run(model, recipe=None):
+        return report.Run(path=None, result={}, config={"model": model}, history=[], model_kwargs={}, recipe=recipe)
+
+    assert {report.family(run("binarynet_mlp")), report.family(run("float_mlp"))} == {"mlp"}
+    assert {report.family(run("wrn_1bit", "mcdonnell_wrn_fmnist")), report.family(run("float_wrn"))} == {"wrn"}
 
 
 def test_command_reproduces_the_run(runs, tmp_path):
@@ -130,7 +138,7 @@ def test_command_quotes_model_arguments():
 def test_main_and_errors(runs, tmp_path, capsys):
     assert cli_main(["report", str(runs / "bnn_digits"), "-o", str(tmp_path / "r.md")]) == 0
     assert "| bnn_digits |" in (tmp_path / "r.md").read_text()
-    assert (tmp_path / "figures" / "curves_digits.png").is_file()
+    assert (tmp_path / "figures" / "curves_digits_mlp.png").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(OnebitError, match="no run folders"):

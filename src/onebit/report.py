@@ -234,6 +234,12 @@ def _twin_model(run: Run) -> str | None:
     return float_twin_of(run.model)
 
 
+def family(run: Run) -> str:
+    """The architecture a run trains, shared by a network and its float twin: ``mlp``, ``cnn``, ``wrn``, ..."""
+    name = run.model if run.is_float else (_twin_model(run) or run.model)
+    return name.removeprefix("float_")
+
+
 def _layer_shapes(run: Run) -> tuple | None:
     """The (name, shape) of every parameter and buffer of the run's model, built on the meta device."""
     import torch
@@ -499,7 +505,7 @@ def _twin_group(group: Sequence[Run], groups: Sequence[Sequence[Run]]) -> Sequen
 
 
 def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[str] = ()) -> str:
-    """The report's markdown for ``runs`` (twins paired); ``figures`` maps dataset → relative PNG path."""
+    """The report's markdown for ``runs`` (twins paired); ``figures`` maps a title → relative PNG path."""
     lines = [
         "# Results",
         "",
@@ -601,13 +607,14 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
 
     if figures:
         lines += ["## Training curves", ""]
-        for dataset, rel in sorted(figures.items()):
-            lines += [f"### {dataset}", "", f"![train and validation accuracy per epoch on {dataset}]({rel})", ""]
+        for title, rel in sorted(figures.items()):
+            lines += [f"### {title}", "", f"![train and validation accuracy per epoch, {title}]({rel})", ""]
     return "\n".join(lines)
 
 
-def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike) -> Path:
-    """Train (dashed) and validation (solid) accuracy per epoch of every run on ``dataset``, as a PNG."""
+def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike, architecture: str | None = None) -> Path:
+    """Train (dashed) and validation (solid) accuracy per epoch of every run on ``dataset`` (of the
+    :func:`family` ``architecture`` only, if given), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -617,7 +624,8 @@ def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     try:
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, run in enumerate(r for r in runs if r.dataset == dataset and r.history):
+        shown = [r for r in runs if r.dataset == dataset and r.history and architecture in (None, family(r))]
+        for i, run in enumerate(shown):
             color = colors[i % len(colors)]
             epochs = [row["epoch"] for row in run.history]
             label = f"{run.name} ({run.model})"
@@ -629,7 +637,8 @@ def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike) -> Path:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{dataset}: train (dashed) and validation (solid) accuracy")
+        which = f"{dataset}, {architecture} networks" if architecture else dataset
+        ax.set_title(f"{which}: train (dashed) and validation (solid) accuracy")
         ax.grid(alpha=0.3)
         # beside the axes, not on them: a results page easily holds a dozen runs (two lines each)
         entries = len(ax.get_legend_handles_labels()[1])
@@ -645,7 +654,8 @@ def build_report(
     figures_dir: str | os.PathLike | None = None,
 ) -> list[Run]:
     """Read every run under ``runs_dirs`` and write the markdown report ``out_md`` and one curve PNG
-    per dataset into ``figures_dir`` (default: ``figures/`` beside ``out_md``). Returns the runs."""
+    per dataset and architecture (:func:`family`) into ``figures_dir`` (default: ``figures/`` beside
+    ``out_md``). Returns the runs."""
     if isinstance(runs_dirs, (str, os.PathLike)):
         runs_dirs = [runs_dirs]
     runs = find_runs(runs_dirs)
@@ -655,9 +665,9 @@ def build_report(
     out_md = Path(out_md)
     figures_dir = Path(figures_dir) if figures_dir is not None else out_md.parent / "figures"
     figures: dict[str, str] = {}
-    for dataset in sorted({r.dataset for r in runs if r.history}):
-        png = plot_curves(runs, dataset, figures_dir / f"curves_{dataset}.png")
-        figures[dataset] = os.path.relpath(png, out_md.parent).replace(os.sep, "/")
+    for dataset, architecture in sorted({(r.dataset, family(r)) for r in runs if r.history}):
+        png = plot_curves(runs, dataset, figures_dir / f"curves_{dataset}_{architecture}.png", architecture)
+        figures[f"{dataset}, {architecture} networks"] = os.path.relpath(png, out_md.parent).replace(os.sep, "/")
     text = render_markdown(runs, figures, [str(d) for d in runs_dirs])
     with atomic_write(out_md, "w") as handle:
         handle.write(text)
