@@ -293,3 +293,13 @@ def test_compressed_runs_are_set_against_their_exact_gradient_run(tmp_path):
     assert "| rounded_s1 | rounded | 21.00% | exact_s1 | 20.00% | +1.00 pp | 100 s vs 100 s |" in section
     assert "mean_s0_other_lr" not in section
     assert "What compressed learning costs" not in report.render_markdown(runs[:2], {})
+
+
+def test_twin_differences_leave_out_settings_moot_for_one_of_the_two(tmp_path):
+    def run(model, **config):
+        return report.Run(path=tmp_path / model, result={"test_accuracy": 0.9}, config={"model": model, **config},
+                          history=[], model_kwargs={})
+
+    distilled = run("binarynet_mlp", teacher="teacher.pt", distill_weight=0.9)
+    assert report.twin_differences(distilled, run("float_mlp")) == ["teacher=None"]
+    assert report.twin_differences(distilled, run("float_mlp", teacher="teacher.pt")) == ["distill_weight=0.5"]

@@ -318,8 +318,10 @@ def twin_differences(run: Run, twin: Run) -> list[str]:
     from .recipes import twin_model_kwargs
 
     mine, theirs = _settings(run.config), _settings(twin.config)
-    differences = [f"{k}={theirs.get(k)}" for k in sorted((set(mine) | set(theirs)) - set(_TWIN_MAY_DIFFER))
-                   if mine.get(k) != theirs.get(k)]
+    # a setting moot for one of the two (distillation without a teacher) is no difference: the setting
+    # that made it moot (teacher=None) is listed instead
+    differences = [f"{k}={theirs[k]}" for k in sorted((set(mine) & set(theirs)) - set(_TWIN_MAY_DIFFER))
+                   if mine[k] != theirs[k]]
     my_kwargs, their_kwargs = twin_model_kwargs(run.model_kwargs), twin_model_kwargs(twin.model_kwargs)
     # a model argument left out means the model's default, which only the model knows: compare shared ones
     differences += [f"-m {k}={their_kwargs[k]}" for k in sorted(set(my_kwargs) & set(their_kwargs))
