@@ -302,11 +302,8 @@ class _BNReLUConv(torch.autograd.Function):
         )
         dims = (0, 2, 3)
         view = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
-        m_count = x.numel() // x.shape[1]
         mask = y > 0
-        count = mask.sum(dims).to(x.dtype)
         a = y.clamp_min_(0)
-        sum_a = a.sum(dims)  # = Σ y over the mask
         random = lambda: torch.rand(  # noqa: E731
             a.shape, generator=spec.generator, dtype=a.dtype,
             device=spec.generator.device if spec.generator is not None else a.device).to(a.device)
@@ -322,6 +319,9 @@ class _BNReLUConv(torch.autograd.Function):
             extra = torch.cat([pack_bits(q & 1), pack_bits(q >> 1)])
             del xhat, q
         else:
+            m_count = x.numel() // x.shape[1]
+            count = mask.sum(dims).to(x.dtype)
+            sum_a = a.sum(dims)  # = Σ y over the mask
             # conditional means of x̂ = (x − μ)·σ⁻¹ on each side of the threshold (0 for an empty side)
             if bn_weight is None or bool((bn_weight != 0).all()):
                 # Σ_{m=1} x̂ = (Σ_{m=1} y − count·β) / γ, and Σ x̂ = 0, so Σ_{m=0} x̂ = −Σ_{m=1} x̂
