@@ -141,6 +141,17 @@ def test_bad_distributed_options(tmp_path, args, expected):
     assert "Traceback" not in result.stderr
 
 
+def test_a_torchrun_worker_keeps_its_exit_code_and_output():
+    # workers leave through os._exit (no interpreter teardown, see onebit/__main__.py): what they
+    # printed must still arrive, and the code must still be the command's own
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    listed = subprocess.run([sys.executable, "-m", "onebit", "models"], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "binarynet_mlp" in listed.stdout
+    missing = subprocess.run([sys.executable, "-m", "onebit", "eval", "no_such_checkpoint.pt"], capture_output=True,
+                             text=True, env=env)
+    assert missing.returncode == 2 and "no_such_checkpoint.pt" in missing.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.gpu
 def test_cuda_training_step(tmp_path):
     if not torch.cuda.is_available():
