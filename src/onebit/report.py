@@ -614,6 +614,10 @@ def render_markdown(runs: list[Run], figures: dict[str, str], sources: Sequence[
     return "\n".join(lines)
 
 
+def _curves_title(dataset: str, architecture: str | None) -> str:
+    return f"{dataset}, {architecture} networks" if architecture else dataset
+
+
 def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike, architecture: str | None = None) -> Path:
     """Train (dashed) and validation (solid) accuracy per epoch of every run on ``dataset`` (of the
     :func:`family` ``architecture`` only, if given), as a PNG."""
@@ -639,8 +643,7 @@ def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike, architec
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("accuracy")
-        which = f"{dataset}, {architecture} networks" if architecture else dataset
-        ax.set_title(f"{which}: train (dashed) and validation (solid) accuracy")
+        ax.set_title(f"{_curves_title(dataset, architecture)}: train (dashed) and validation (solid) accuracy")
         ax.grid(alpha=0.3)
         # beside the axes, not on them: a results page easily holds a dozen runs (two lines each)
         entries = len(ax.get_legend_handles_labels()[1])
@@ -669,7 +672,7 @@ def build_report(
     figures: dict[str, str] = {}
     for dataset, architecture in sorted({(r.dataset, family(r)) for r in runs if r.history}):
         png = plot_curves(runs, dataset, figures_dir / f"curves_{dataset}_{architecture}.png", architecture)
-        figures[f"{dataset}, {architecture} networks"] = os.path.relpath(png, out_md.parent).replace(os.sep, "/")
+        figures[_curves_title(dataset, architecture)] = os.path.relpath(png, out_md.parent).replace(os.sep, "/")
     text = render_markdown(runs, figures, [str(d) for d in runs_dirs])
     with atomic_write(out_md, "w") as handle:
         handle.write(text)
