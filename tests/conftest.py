@@ -1,4 +1,4 @@
-"""Shared fixtures: the real-data folder (``ONEBIT_TEST_DATA``) and small training configs."""
+"""Shared fixtures: the real-data folder (``ONEBIT_TEST_DATA``) and the engine's kernel path."""
 from __future__ import annotations
 
 import os
@@ -14,3 +14,13 @@ def real_data_dir() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("set ONEBIT_TEST_DATA to a folder with real datasets (e.g. ../shared/datasets)")
     return Path(root)
+
+
+@pytest.fixture
+def restore_kernel_path():
+    """Put back the engine's kernel path after a test that picks one (``kernels.set_path``)."""
+    from onebit.engine import kernels
+
+    before = kernels.current_path()
+    yield
+    kernels.set_path(before)

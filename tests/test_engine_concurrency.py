@@ -89,7 +89,7 @@ def test_concurrent_predict_equals_serial(model_files, key, threads):
 
 
 @pytest.mark.parametrize("key", ["mlp", "cnn"])
-def test_concurrent_loads_and_every_kernel_path(model_files, key):
+def test_concurrent_loads_and_every_kernel_path(model_files, key, restore_kernel_path):
     """Threads loading the same file while others predict; then each kernel path gives the same bits."""
     path, shape = model_files[key]
     x = batches(shape, 1, seed=3)[0]
@@ -101,13 +101,9 @@ def test_concurrent_loads_and_every_kernel_path(model_files, key):
     with ThreadPoolExecutor(max_workers=6) as pool:
         for got in pool.map(load_and_predict, range(12)):
             np.testing.assert_array_equal(got, expected)
-    before = kernels.current_path()
-    try:
-        for kernel_path in kernels.available_paths():
-            kernels.set_path(kernel_path)
-            np.testing.assert_array_equal(load(path).predict(x), expected, err_msg=kernel_path)
-    finally:
-        kernels.set_path(before)
+    for kernel_path in kernels.available_paths():
+        kernels.set_path(kernel_path)
+        np.testing.assert_array_equal(load(path).predict(x), expected, err_msg=kernel_path)
 
 
 def _calls_do_not_grow_memory(model_files, calls: int, key: str = "tiny", limit_mb: float = 8.0) -> float:

@@ -27,12 +27,7 @@ from onebit.models import create_model
 
 PATHS = kernels.available_paths()
 
-
-@pytest.fixture(autouse=True)
-def restore_kernel_path():
-    before = kernels.current_path()
-    yield
-    kernels.set_path(before)
+pytestmark = pytest.mark.usefixtures("restore_kernel_path")
 
 
 # --------------------------------------------------------------------------- helpers

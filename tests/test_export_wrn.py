@@ -28,12 +28,7 @@ from test_export import assert_every_path_predicts_the_same, assert_logits_close
 
 PATHS = kernels.available_paths()
 
-
-@pytest.fixture(autouse=True)
-def restore_kernel_path():
-    before = kernels.current_path()
-    yield
-    kernels.set_path(before)
+pytestmark = pytest.mark.usefixtures("restore_kernel_path")
 
 
 def calibrate(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -829,10 +829,8 @@ def graphs(draw):
 
 
 @pytest.fixture
-def all_paths():
-    before = kernels.current_path()
-    yield kernels.available_paths()
-    kernels.set_path(before)
+def all_paths(restore_kernel_path):
+    return kernels.available_paths()
 
 
 def _fuzz_onebit_graphs(tmp_path, all_paths, graph):

@@ -19,14 +19,12 @@ NS = [1, 5, 63, 65, 130]
 
 
 @pytest.fixture(params=ALL_PATHS)
-def path(request):
+def path(request, restore_kernel_path):
     name = request.param
     if name not in kn.available_paths():
         pytest.skip(f"kernel path {name} not available on this machine")
-    before = kn.current_path()
     kn.set_path(name)
-    yield name
-    kn.set_path(before)
+    return name
 
 
 def ref(fn, *args, **kwargs):
