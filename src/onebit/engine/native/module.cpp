@@ -190,11 +190,7 @@ class BinaryMatrix {
         OutSpec spec;
         spec.mode = OutMode::Raw;
         spec.raw = out.mutable_data();
-        const std::uint64_t* ap = a.data();
-        {
-            py::gil_scoped_release nogil;
-            gemm_driver(ap, std::size_t(W_.KW), M, W_, spec, threads);
-        }
+        run(a, spec, threads);
         return std::move(out);
     }
 
@@ -208,11 +204,7 @@ class BinaryMatrix {
         const std::int64_t M = a.shape(0);
         py::array_t<std::uint64_t> out({M, W_.ngroups});
         spec.bits = out.mutable_data();
-        const std::uint64_t* ap = a.data();
-        {
-            py::gil_scoped_release nogil;
-            gemm_driver(ap, std::size_t(W_.KW), M, W_, spec, threads);
-        }
+        run(a, spec, threads);
         return std::move(out);
     }
 
@@ -229,15 +221,18 @@ class BinaryMatrix {
         spec.affine = out.mutable_data();
         spec.mul = mul.data();
         spec.add = add.data();
-        const std::uint64_t* ap = a.data();
-        {
-            py::gil_scoped_release nogil;
-            gemm_driver(ap, std::size_t(W_.KW), M, W_, spec, threads);
-        }
+        run(a, spec, threads);
         return std::move(out);
     }
 
   private:
+    void run(const py::array_t<std::uint64_t, py::array::c_style>& a, const OutSpec& spec, int threads) const {
+        const std::uint64_t* ap = a.data();
+        const std::int64_t M = a.shape(0);
+        py::gil_scoped_release nogil;
+        gemm_driver(ap, std::size_t(W_.KW), M, W_, spec, threads);
+    }
+
     PackedWeights W_;
 };
 
