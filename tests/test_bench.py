@@ -64,6 +64,25 @@ def test_quick_run_environment(quick):
     json.dumps(quick, allow_nan=False)  # JSON-serializable, no NaN/inf
 
 
+def test_quick_run_peak_is_the_best_popcount_of_this_cpu(quick):
+    env = quick["environment"]
+    native = [p for p in ("avx512", "avx2") if p in PATHS]
+    expected = native[0] if native else None
+    assert env["peak_loop"] == expected
+    assert (env["peak_gops"] is not None and env["peak_gops"] > 0) == (expected is not None)
+    # the 512-bit-per-cycle limit describes AVX-512 VPOPCNTQ only
+    assert (env["limit_gops"] is not None) == (expected == "avx512")
+    rows = [r for r in quick["results"] if r["case"] == "gemm"]
+    assert all((r["pct_peak"] is not None) == (expected is not None) for r in rows)
+
+
+@pytest.mark.skipif(kernels._native is None, reason="native extension not built")
+@pytest.mark.parametrize("path", ["avx512", "avx2", "sse9"])
+def test_popcount_peak_probe_runs_only_where_the_cpu_has_it(path):
+    rate = kernels._native._probe_popcnt_peak(200, path)
+    assert (rate > 0) == (path in PATHS)
+
+
 def test_run_restores_threads_and_path():
     before_threads, before_path = torch.get_num_threads(), kernels.current_path()
     result = bench.run_benchmark(threads=1, quick=True, reps=1, cases="size", progress=False)

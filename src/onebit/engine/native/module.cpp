@@ -20,7 +20,7 @@ using namespace onebit;
 
 namespace onebit {
 double probe_clock_ghz(std::int64_t iters);
-double probe_popcnt_peak(std::int64_t iters);
+double probe_popcnt_peak(std::int64_t iters, const std::string& path);
 }  // namespace onebit
 
 namespace {
@@ -461,9 +461,14 @@ PYBIND11_MODULE(_native, m) {
     m.def("max_threads", []() { return resolve_threads(0); }, "Threads used when threads=0.");
     m.def("_probe_clock_ghz", [](std::int64_t iters) { py::gil_scoped_release nogil; return probe_clock_ghz(iters); },
           py::arg("iters") = 2000000, "Core clock in GHz from a chain of dependent adds (one thread).");
-    m.def("_probe_popcnt_peak", [](std::int64_t iters) { py::gil_scoped_release nogil; return probe_popcnt_peak(iters); },
-          py::arg("iters") = 2000000,
-          "In-register XOR+VPOPCNTQ+VPADDQ bit pairs per second (one thread); 0 without AVX-512.");
+    m.def("_probe_popcnt_peak",
+          [](std::int64_t iters, const std::string& path) {
+              py::gil_scoped_release nogil;
+              return probe_popcnt_peak(iters, path);
+          },
+          py::arg("iters") = 2000000, py::arg("path") = "avx512",
+          "In-register XOR + popcount + accumulate bit pairs per second (one thread) of path 'avx512' "
+          "(VPOPCNTQ) or 'avx2' (nibble lookup); 0 where the CPU lacks it.");
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

@@ -1,9 +1,13 @@
-// Micro-probes used by benchmarks/bench_kernels.py to put measured kernel speed in relation
-// to the machine: the core clock (a chain of dependent 1-cycle integer adds) and the
-// in-register peak of the AVX-512 XOR + VPOPCNTQ + VPADDQ loop (no memory traffic).
-// Single-threaded; both return 0 where they cannot run (non-x86 / no AVX-512 VPOPCNTDQ).
+// Micro-probes used by onebit.bench to put measured kernel speed in relation to the machine:
+// the core clock (a chain of dependent 1-cycle integer adds) and the in-register peak of the
+// XOR + popcount + accumulate loop of the best popcount this CPU has (no memory traffic):
+// AVX-512 VPOPCNTQ, else AVX2's nibble lookup (VPSHUFB) with byte accumulators.
+// Single-threaded; both return 0 where they cannot run (non-x86, or neither instruction set).
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "onebit_kernels.hpp"
 
@@ -56,20 +60,74 @@ __attribute__((target("avx512f,avx512vpopcntdq"), noinline)) static std::uint64_
     }
     return s;
 }
+
+// The AVX2 kernel's inner step (kernels_avx2.cpp) on registers only: per 256 bit pairs one XOR,
+// two nibble lookups, one byte add into an accumulator that is widened (VPSADBW) every 31 steps.
+// Four independent streams fit the 16 ymm registers with the lookup table and the masks.
+constexpr int kAvx2Streams = 4, kAvx2Run = 31;
+
+__attribute__((target("avx2"), noinline)) static std::uint64_t peak_loop_avx2(std::int64_t iters) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i a[2] = {_mm256_set1_epi64x(0x5555AAAA3333CCCCLL), _mm256_set1_epi64x(0x0F0F3C3C9696A5A5LL)};
+    const __m256i w[2] = {_mm256_set1_epi64x(0x0123456789ABCDEFLL), _mm256_set1_epi64x(0x2468ACE013579BDFLL)};
+    __m256i wide[kAvx2Streams];
+    for (int s = 0; s < kAvx2Streams; ++s) wide[s] = zero;
+    for (std::int64_t it = 0; it < iters; ++it) {
+        __m256i bytes[kAvx2Streams];
+        for (int s = 0; s < kAvx2Streams; ++s) bytes[s] = zero;
+        for (int step = 0; step < kAvx2Run; ++step) {
+#pragma GCC unroll 4
+            for (int s = 0; s < kAvx2Streams; ++s) {
+                const __m256i x = _mm256_xor_si256(a[s / 2], w[s % 2]);
+                const __m256i c = _mm256_add_epi8(
+                    _mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),
+                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low)));
+                bytes[s] = _mm256_add_epi8(bytes[s], c);
+            }
+            // keep the compiler from hoisting the loop-invariant popcounts
+            __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]));
+        }
+        for (int s = 0; s < kAvx2Streams; ++s) wide[s] = _mm256_add_epi64(wide[s], _mm256_sad_epu8(bytes[s], zero));
+    }
+    std::uint64_t total = 0;
+    alignas(32) std::uint64_t buf[4];
+    for (int s = 0; s < kAvx2Streams; ++s) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(buf), wide[s]);
+        for (int j = 0; j < 4; ++j) total += buf[j];
+    }
+    return total;
+}
 #endif
 
-// bit pairs per second (one thread) of XOR+VPOPCNTQ+VPADDQ on zmm registers
-double probe_popcnt_peak(std::int64_t iters) {
+// bit pairs per second (one thread) of the in-register loop of `path`: "avx512" (XOR + VPOPCNTQ +
+// VPADDQ on zmm) or "avx2" (XOR + nibble lookups + byte adds on ymm); 0 where the CPU lacks it
+double probe_popcnt_peak(std::int64_t iters, const std::string& path) {
 #if defined(ONEBIT_X86) && defined(__GNUC__)
-    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))) return 0.0;
+    // the same CPU test as the kernel dispatch: a probe runs where its kernel path does
+    const std::vector<std::string> paths = available_paths();
+    if (std::find(paths.begin(), paths.end(), path) == paths.end()) return 0.0;
+    double bit_pairs = 0.0;
+    std::uint64_t (*loop)(std::int64_t) = nullptr;
+    if (path == "avx512") {
+        loop = peak_loop;
+        bit_pairs = double(iters) * 24.0 * 512.0;
+    } else if (path == "avx2") {
+        loop = peak_loop_avx2;
+        bit_pairs = double(iters) * kAvx2Run * kAvx2Streams * 256.0;
+    }
+    if (loop == nullptr) return 0.0;
     const auto t0 = std::chrono::steady_clock::now();
-    volatile std::uint64_t sink = peak_loop(iters);
+    volatile std::uint64_t sink = loop(iters);
     (void)sink;
     const auto t1 = std::chrono::steady_clock::now();
     const double s = std::chrono::duration<double>(t1 - t0).count();
-    return s > 0 ? double(iters) * 24.0 * 512.0 / s : 0.0;
+    return s > 0 ? bit_pairs / s : 0.0;
 #else
     (void)iters;
+    (void)path;
     return 0.0;
 #endif
 }
