@@ -5,6 +5,8 @@
 #if defined(ONEBIT_X86)
 #include <immintrin.h>
 
+#include "popcount_avx2.hpp"
+
 #define ONEBIT_T2 __attribute__((target("avx2,popcnt")))
 #define ONEBIT_T2_INLINE __attribute__((target("avx2,popcnt"), always_inline)) inline
 
@@ -16,8 +18,7 @@ template <int R>
 ONEBIT_T2_INLINE void micro_avx2(const std::uint64_t* a, std::size_t lda, const std::uint64_t* w,
                                  std::size_t KW, std::size_t ldw, std::int32_t* pc,
                                  std::size_t ldpc) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i lut = nibble_lut_avx2();
     const __m256i low = _mm256_set1_epi8(0x0F);
     __m256i q[R][2];
 #pragma GCC unroll 8
@@ -36,14 +37,8 @@ ONEBIT_T2_INLINE void micro_avx2(const std::uint64_t* a, std::size_t lda, const 
                 const __m256i av = _mm256_set1_epi64x(static_cast<long long>(a[std::size_t(i) * lda + k]));
                 const __m256i x0 = _mm256_xor_si256(av, w0);
                 const __m256i x1 = _mm256_xor_si256(av, w1);
-                const __m256i c0 = _mm256_add_epi8(
-                    _mm256_shuffle_epi8(lut, _mm256_and_si256(x0, low)),
-                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), low)));
-                const __m256i c1 = _mm256_add_epi8(
-                    _mm256_shuffle_epi8(lut, _mm256_and_si256(x1, low)),
-                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), low)));
-                b8[i][0] = _mm256_add_epi8(b8[i][0], c0);
-                b8[i][1] = _mm256_add_epi8(b8[i][1], c1);
+                b8[i][0] = _mm256_add_epi8(b8[i][0], popcount_bytes_avx2(x0, lut, low));
+                b8[i][1] = _mm256_add_epi8(b8[i][1], popcount_bytes_avx2(x1, lut, low));
             }
         }
         const __m256i z = _mm256_setzero_si256();

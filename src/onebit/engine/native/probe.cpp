@@ -13,6 +13,8 @@
 
 #if defined(ONEBIT_X86)
 #include <immintrin.h>
+
+#include "popcount_avx2.hpp"
 #endif
 
 namespace onebit {
@@ -67,8 +69,7 @@ __attribute__((target("avx512f,avx512vpopcntdq"), noinline)) static std::uint64_
 constexpr int kAvx2Streams = 4, kAvx2Run = 31;
 
 __attribute__((target("avx2"), noinline)) static std::uint64_t peak_loop_avx2(std::int64_t iters) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i lut = nibble_lut_avx2();
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i zero = _mm256_setzero_si256();
     __m256i a[2] = {_mm256_set1_epi64x(0x5555AAAA3333CCCCLL), _mm256_set1_epi64x(0x0F0F3C3C9696A5A5LL)};
@@ -82,10 +83,7 @@ __attribute__((target("avx2"), noinline)) static std::uint64_t peak_loop_avx2(st
 #pragma GCC unroll 4
             for (int s = 0; s < kAvx2Streams; ++s) {
                 const __m256i x = _mm256_xor_si256(a[s / 2], w[s % 2]);
-                const __m256i c = _mm256_add_epi8(
-                    _mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),
-                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low)));
-                bytes[s] = _mm256_add_epi8(bytes[s], c);
+                bytes[s] = _mm256_add_epi8(bytes[s], popcount_bytes_avx2(x, lut, low));
             }
             // keep the compiler from hoisting the loop-invariant popcounts
             __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]));
