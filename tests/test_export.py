@@ -68,13 +68,13 @@ def randomize_bn(model: nn.Module, shape, seed: int = 0, ties: bool = True) -> n
     return model.eval()
 
 
-def torch_preactivations(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and the output of every quantized layer (before pooling and BN), by module name."""
+def forward_capturing(model: nn.Module, x: torch.Tensor, kinds: tuple[type, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits and the output of every module of one of ``kinds``, by module name."""
     outputs: dict[str, np.ndarray] = {}
     hooks = [
         module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy()))
         for name, module in model.named_modules()
-        if isinstance(module, (QuantLinear, QuantConv2d))
+        if isinstance(module, kinds)
     ]
     try:
         with torch.no_grad():
@@ -83,6 +83,11 @@ def torch_preactivations(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray,
         for hook in hooks:
             hook.remove()
     return logits, outputs
+
+
+def torch_preactivations(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits and the output of every quantized layer (before pooling and BN), by module name."""
+    return forward_capturing(model, x, (QuantLinear, QuantConv2d))
 
 
 def assert_logits_close(engine: np.ndarray, reference: np.ndarray, rtol: float = 1e-4) -> None:

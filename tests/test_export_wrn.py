@@ -24,7 +24,7 @@ from onebit.models import create_model
 from onebit.models.wrn import PreActBlock
 from onebit.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
-from test_export import assert_every_path_predicts_the_same, assert_logits_close
+from test_export import assert_every_path_predicts_the_same, assert_logits_close, forward_capturing
 
 PATHS = kernels.available_paths()
 
@@ -73,16 +73,7 @@ def inputs(n: int, shape, seed: int) -> torch.Tensor:
 
 def torch_blocks(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits and every residual block's output (NCHW), by module name."""
-    outputs: dict[str, np.ndarray] = {}
-    hooks = [module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.numpy()))
-             for name, module in model.named_modules() if isinstance(module, PreActBlock)]
-    try:
-        with torch.no_grad():
-            logits = model(x).numpy()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, outputs
+    return forward_capturing(model, x, (PreActBlock,))
 
 
 # --------------------------------------------------------------------------- against PyTorch
