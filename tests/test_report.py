@@ -98,6 +98,30 @@ def test_curve_figures(built):
     assert sorted(p.name for p in (out.parent / "figures").iterdir()) == ["curves_digits_mlp.png", "curves_mnist_mlp.png"]
 
 
+def test_curve_panels_put_seeds_together_and_twins_beside_their_run(tmp_path):
+    def run(name, model, seed, **settings):
+        config = {"model": model, "dataset": "digits", "epochs": 2, "out": f"runs/{name}", "seed": seed, **settings}
+        history = [{"epoch": e, "train_accuracy": 0.8, "val_accuracy": 0.7} for e in (1, 2)]
+        return report.Run(path=tmp_path / name, result={"test_accuracy": 0.9, "epochs": 2}, config=config,
+                          history=history, model_kwargs={"hidden": 32, "depth": 1})
+
+    bin_s0, bin_s1 = run("bin_s0", "binarynet_mlp", 0), run("bin_s1", "binarynet_mlp", 1)
+    hinge = run("bin_hinge", "binarynet_mlp", 0, loss="square_hinge")
+    twin = run("float", "float_mlp", 0)
+    lone_float = run("float_lr", "float_mlp", 0, lr=0.1)
+    elsewhere = run("other_dataset", "binarynet_mlp", 0, dataset="mnist")
+    runs = [bin_s0, hinge, twin, bin_s1, lone_float, elsewhere]
+    report._pair_twins(runs)
+    assert bin_s0.twin is twin and hinge.twin is twin
+    panels = report.curve_panels(runs, "digits", "mlp")
+    named = [([r.name for r in group], [r.name for r in twins]) for group, twins in panels]
+    # the seeds share a panel, the twin is drawn beside each run it pairs with, an unpaired float run
+    # gets its own panel, and another dataset's run is left out
+    assert named == [(["bin_s0", "bin_s1"], ["float"]), (["bin_hinge"], ["float"]), (["float_lr"], [])]
+    png = report.plot_curves(runs, "digits", tmp_path / "curves.png", "mlp")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_family_joins_a_network_and_its_float_twin():
     def run(model, recipe=None):
         return report.Run(path=None, result={}, config={"model": model}, history=[], model_kwargs={}, recipe=recipe)

@@ -40,6 +40,7 @@ __all__ = [
     "Run",
     "add_arguments",
     "build_report",
+    "curve_panels",
     "find_runs",
     "load_run",
     "plot_curves",
@@ -449,14 +450,18 @@ def _matches_paper(run: Run, entry: dict) -> bool:
     return not any(k in (run.config.get("model_kwargs") or {}) for k in _QUANTIZER_OVERRIDES)
 
 
-def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
-    """Runs that share every training setting but the seed (and paths), in groups of two or more."""
+def _repeats(runs: Sequence[Run]) -> list[list[Run]]:
+    """``runs`` grouped by every training setting but the seed (and paths), in first-seen order."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        if run.config.get("model") and run.error is not None:
-            key = json.dumps(_settings(run.config), sort_keys=True, default=str)
-            groups.setdefault(key, []).append(run)
-    return [group for group in groups.values() if len({r.config.get("seed") for r in group}) >= 2]
+        groups.setdefault(json.dumps(_settings(run.config), sort_keys=True, default=str), []).append(run)
+    return list(groups.values())
+
+
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs that share every training setting but the seed (and paths), in groups of two or more."""
+    measured = [run for run in runs if run.config.get("model") and run.error is not None]
+    return [group for group in _repeats(measured) if len({r.config.get("seed") for r in group}) >= 2]
 
 
 def compressed_pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
@@ -618,36 +623,69 @@ def _curves_title(dataset: str, architecture: str | None) -> str:
     return f"{dataset}, {architecture} networks" if architecture else dataset
 
 
+def _accuracy_text(group: Sequence[Run]) -> str:
+    errors = [r.error for r in group if r.error is not None]
+    if not errors:
+        return "no test result"
+    accuracies = [100.0 - e for e in errors]
+    mean = f"{sum(accuracies) / len(accuracies):.2f}%"
+    return f"mean {mean}" if len(accuracies) > 1 else mean
+
+
+def _panel_title(group: Sequence[Run], twins: Sequence[Run]) -> str:
+    seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
+    text = f"{group[0].name}{seeds}\ntest {_accuracy_text(group)}"
+    return f"{text}, float twin {_accuracy_text(twins)}" if twins else text
+
+
+def curve_panels(runs: Sequence[Run], dataset: str,
+                 architecture: str | None = None) -> list[tuple[list[Run], list[Run]]]:
+    """The panels of :func:`plot_curves`: (an experiment's runs, seeds together; their float twins).
+    A float run that is some shown run's twin appears beside it, not in a panel of its own."""
+    shown = [r for r in runs if r.dataset == dataset and r.history and architecture in (None, family(r))]
+    twin_ids = {id(r.twin) for r in shown if not r.is_float and r.twin is not None}
+    panels = []
+    for group in _repeats([r for r in shown if not (r.is_float and id(r) in twin_ids)]):
+        twins = {id(r.twin): r.twin for r in group if r.twin is not None and r.twin.history}
+        panels.append((group, list(twins.values())))
+    return panels
+
+
 def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike, architecture: str | None = None) -> Path:
-    """Train (dashed) and validation (solid) accuracy per epoch of every run on ``dataset`` (of the
-    :func:`family` ``architecture`` only, if given), as a PNG."""
+    """Train (dashed) and validation (solid) accuracy per epoch of the runs on ``dataset`` (of the
+    :func:`family` ``architecture`` only, if given), as a PNG of small multiples: one panel per
+    experiment (its seeds together), with its float twin's curves in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.lines
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    panels = curve_panels(runs, dataset, architecture)
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows + 0.8), squeeze=False,
+                             layout="constrained")
     try:
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        shown = [r for r in runs if r.dataset == dataset and r.history and architecture in (None, family(r))]
-        for i, run in enumerate(shown):
-            color = colors[i % len(colors)]
-            epochs = [row["epoch"] for row in run.history]
-            label = f"{run.name} ({run.model})"
-            if any("val_accuracy" in row for row in run.history):
-                ax.plot(epochs, [row.get("val_accuracy", math.nan) for row in run.history], "-", color=color,
-                        label=f"{label} val")
-            ax.plot(epochs, [row.get("train_accuracy", math.nan) for row in run.history], "--", color=color,
-                    label=f"{label} train")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"{_curves_title(dataset, architecture)}: train (dashed) and validation (solid) accuracy")
-        ax.grid(alpha=0.3)
-        # beside the axes, not on them: a results page easily holds a dozen runs (two lines each)
-        entries = len(ax.get_legend_handles_labels()[1])
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + entries // 24)
+        for ax, (group, twins) in zip(axes.flat, panels):
+            for members, color in ((twins, "0.6"), (group, "C0")):
+                for run in members:
+                    epochs = [row["epoch"] for row in run.history]
+                    if any("val_accuracy" in row for row in run.history):
+                        ax.plot(epochs, [row.get("val_accuracy", math.nan) for row in run.history], "-", color=color)
+                    ax.plot(epochs, [row.get("train_accuracy", math.nan) for row in run.history], "--", color=color)
+            ax.set_title(_panel_title(group, twins), fontsize="small")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.tick_params(labelsize="x-small")
+            ax.grid(alpha=0.3)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        fig.suptitle(f"{_curves_title(dataset, architecture)}: accuracy per epoch")
+        key = [matplotlib.lines.Line2D([], [], color=c, linestyle=style, label=label)
+               for c, style, label in (("C0", "-", "validation"), ("C0", "--", "train"),
+                                        ("0.6", "-", "float twin, validation"), ("0.6", "--", "float twin, train"))]
+        fig.legend(handles=key, loc="outside lower center", fontsize="small", ncol=4, frameon=False)
         return save_png(fig, path)
     finally:
         plt.close(fig)
