@@ -120,6 +120,9 @@ def test_curve_panels_put_seeds_together_and_twins_beside_their_run(tmp_path):
     assert named == [(["bin_s0", "bin_s1"], ["float"]), (["bin_hinge"], ["float"]), (["float_lr"], [])]
     png = report.plot_curves(runs, "digits", tmp_path / "curves.png", "mlp")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(OnebitError, match="no runs with per-epoch metrics on cifar10"):
+        report.plot_curves(runs, "cifar10", tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_family_joins_a_network_and_its_float_twin():

@@ -663,6 +663,8 @@ def plot_curves(runs: list[Run], dataset: str, path: str | os.PathLike, architec
     import matplotlib.ticker
 
     panels = curve_panels(runs, dataset, architecture)
+    if not panels:
+        raise OnebitError(f"no runs with per-epoch metrics on {_curves_title(dataset, architecture)} to plot")
     columns = min(4, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows + 0.8), squeeze=False,
