@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onebit.layers import QuantAct, QuantConv2d, QuantLayer, QuantLinear, clip_latent_weights
+from onebit.layers import (
+    QuantAct,
+    QuantConv2d,
+    QuantLayer,
+    QuantLinear,
+    clip_latent_weights,
+    has_stochastic_quantizer,
+    recompute_batchnorm,
+)
 from onebit.errors import ConfigError
 from onebit.quantizers import KBit, SteSign, StochasticSign
 
@@ -237,3 +245,32 @@ def test_assigning_a_quantizer_later_registers_it():
     layer.weight_quantizer = SteSign()
     assert dict(layer.named_children()) == {"weight_quantizer": layer.weight_quantizer}  # None children are skipped
     assert torch.equal(layer.quantized_weight(), pm1(layer.weight.detach()))
+
+
+def test_has_stochastic_quantizer():
+    deterministic = nn.Sequential(QuantLinear(4, 3, input_quantizer="sign", weight_quantizer="sign"), nn.BatchNorm1d(3))
+    stochastic = nn.Sequential(QuantLinear(4, 3, weight_quantizer="stochastic_sign"), nn.BatchNorm1d(3))
+    assert not has_stochastic_quantizer(deterministic)
+    assert has_stochastic_quantizer(stochastic)
+
+
+def test_recompute_batchnorm_measures_the_deterministic_network_and_restores_modes():
+    torch.manual_seed(0)
+    layer = QuantLinear(16, 8, bias=False, input_quantizer="stochastic_sign", weight_quantizer="stochastic_sign")
+    dropout, norm = nn.Dropout(0.5), nn.BatchNorm1d(8, momentum=0.3)
+    model = nn.Sequential(dropout, layer, norm)
+    model.train()
+    batches = [torch.randn(50, 16) for _ in range(3)]
+    recompute_batchnorm(model, batches)
+    # what eval runs: no dropout, sign of inputs and weights
+    outputs = torch.cat([F.linear(torch.where(x >= 0, 1.0, -1.0), torch.where(layer.weight >= 0, 1.0, -1.0))
+                         for x in batches])
+    expected_var = torch.stack([F.linear(torch.where(x >= 0, 1.0, -1.0),
+                                         torch.where(layer.weight >= 0, 1.0, -1.0)).var(0) for x in batches]).mean(0)
+    assert torch.allclose(norm.running_mean, outputs.mean(0), atol=1e-5)
+    assert torch.allclose(norm.running_var, expected_var, atol=1e-4)  # the average of the batches' variances
+    assert norm.momentum == 0.3 and int(norm.num_batches_tracked) == 3
+    assert all(m.training for m in model.modules())  # modes as before
+    model.eval()
+    recompute_batchnorm(model, batches[:1])
+    assert not any(m.training for m in model.modules())

@@ -234,3 +234,24 @@ def test_recompute_bn_sets_the_statistics_from_the_training_set(tmp_path):
     with torch.no_grad():
         hits = sum(int((reloaded(x).argmax(1) == y).sum()) for x, y in BatchLoader(load_dataset("digits", "test"), 500))
     assert hits / len(load_dataset("digits", "test").labels) == pytest.approx(result.test["accuracy"])
+
+
+def test_a_stochastic_network_is_evaluated_with_the_batch_norm_statistics_of_its_deterministic_form(tmp_path):
+    from onebit.data import BatchLoader, load_dataset, split_validation
+    from onebit.layers import recompute_batchnorm
+
+    result = train(small(tmp_path, model="binaryconnect_mlp", model_kwargs={"hidden": 128, "depth": 2,
+                                                                            "weight_quantizer": "stochastic_sign"}))
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    data, _ = split_validation(load_dataset("digits", "train"), 0.1, seed=0)
+    model = model_from_checkpoint(saved)
+    recompute_batchnorm(model, (x for x, _ in BatchLoader(data, 256)))
+    state = model.state_dict()
+    statistics = [k for k in state if "running_" in k]
+    assert statistics
+    for key in statistics:  # the checkpoint already holds them: eval and export see the network they run
+        assert torch.allclose(saved["model_state"][key], state[key], rtol=1e-5, atol=1e-5), key
+    reloaded = model_from_checkpoint(saved)
+    with torch.no_grad():
+        hits = sum(int((reloaded(x).argmax(1) == y).sum()) for x, y in BatchLoader(load_dataset("digits", "test"), 500))
+    assert hits / len(load_dataset("digits", "test").labels) == pytest.approx(result.test["accuracy"])

@@ -249,30 +249,20 @@ def randomize_batchnorm(model: nn.Module, generator=None) -> None:
 
 
 def calibrate_batchnorm(model: nn.Module, generator=None, batches: int = 4, batch_size: int = 32) -> None:
-    """Running statistics of every BatchNorm of ``model`` measured in train mode on random
-    8-bit pixel images (as the training pipeline maps them): the average over ``batches``
-    batches. For real-valued activations (the WRN), where each BN must follow the scale of the
-    layer before it; the learned scale and offset, if any, stay. Leaves ``model`` in eval mode."""
+    """Running statistics of every BatchNorm of ``model`` measured on random 8-bit pixel images
+    (as the training pipeline maps them): the average over ``batches`` batches
+    (:func:`onebit.layers.recompute_batchnorm`). For real-valued activations (the WRN), where each
+    BN must follow the scale of the layer before it; the learned scale and offset, if any, stay.
+    Leaves ``model`` in eval mode."""
     import torch
-    from torch import nn
 
     from .data import to_float
+    from .layers import recompute_batchnorm
 
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches
-    model.train()
-    try:
-        with torch.no_grad():
-            for _ in range(batches):
-                pixels = torch.randint(0, _LEVELS + 1, (batch_size, *model.in_shape), generator=generator, dtype=torch.uint8)
-                model(to_float(pixels, _LEVELS))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
+    images = (to_float(torch.randint(0, _LEVELS + 1, (batch_size, *model.in_shape), generator=generator,
+                                     dtype=torch.uint8), _LEVELS) for _ in range(batches))
+    recompute_batchnorm(model, images)
+    model.eval()
 
 
 def _binarize_weights_once(model: nn.Module) -> None:

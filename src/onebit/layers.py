@@ -26,14 +26,26 @@ The quantizers are child modules (shown in the repr, ``None`` for full precision
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .quantizers import get_quantizer
+from .quantizers import Quantizer, get_quantizer
 
-__all__ = ["QuantAct", "QuantConv2d", "QuantLayer", "QuantLinear", "clip_latent_weights"]
+__all__ = [
+    "QuantAct",
+    "QuantConv2d",
+    "QuantLayer",
+    "QuantLinear",
+    "clip_latent_weights",
+    "has_stochastic_quantizer",
+    "recompute_batchnorm",
+]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _quantize(quantizer: nn.Module | None, x: Tensor) -> Tensor:
@@ -184,3 +196,40 @@ def clip_latent_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, QuantLayer):
             module.clip_weights_()
+
+
+def has_stochastic_quantizer(model: nn.Module) -> bool:
+    """Whether any quantizer of ``model`` draws random values in training (e.g. ``stochastic_sign``)."""
+    return any(isinstance(m, Quantizer) and m.stochastic for m in model.modules())
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Set the running statistics of every batch norm of ``model`` to their average over the
+    input ``batches`` (weighted by batch size), every other module in eval mode: deterministic
+    quantizers, no dropout.
+
+    These are the statistics of the network that evaluation and export run. Running averages
+    gathered in training differ from them when a quantizer is stochastic (its draws change the
+    spread of each layer's output) and, slightly, because the weights kept changing (McDonnell
+    2018 recomputes them after training). The modes of ``model``'s modules are restored.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.train()
+    try:
+        seen = 0
+        for x in batches:
+            seen += len(x)
+            for norm in norms:  # an average weighted by batch size: a short last batch counts for less
+                norm.momentum = len(x) / seen
+            model(x)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in modes:
+            module.train(training)

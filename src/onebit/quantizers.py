@@ -297,10 +297,12 @@ def identity(x: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- modules
 class Quantizer(nn.Module):
-    """Base of the quantizer modules: ``name`` (its registry key) and ``precision`` (bits per value)."""
+    """Base of the quantizer modules: ``name`` (its registry key), ``precision`` (bits per value) and
+    ``stochastic`` (whether it draws random values in training; in eval every quantizer is deterministic)."""
 
     name: str
     precision: int
+    stochastic: bool = False
 
 
 def _register(cls: type[Quantizer]) -> type[Quantizer]:
@@ -322,6 +324,10 @@ class SteSign(Quantizer):
 class StochasticSign(Quantizer):
     """Stochastic sign: +1 with probability clip((x + 1) / 2, 0, 1) in training, sign(x) in eval.
 
+    The network evaluated and exported is therefore the deterministic one, whose batch norms see
+    other statistics than the running averages gathered under random draws; the trainer
+    re-estimates them before each evaluation (:func:`onebit.layers.recompute_batchnorm`).
+
     Draws from ``generator`` if given, else from a private generator seeded with ``seed``,
     else from the global torch RNG. Only the last is part of a trainer's saved RNG state, so
     only it makes a resumed run repeat the draws of an uninterrupted one.
@@ -329,6 +335,7 @@ class StochasticSign(Quantizer):
 
     name = "stochastic_sign"
     precision = 1
+    stochastic = True
 
     def __init__(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()

@@ -44,7 +44,7 @@ from .data import Augment, BatchLoader, DATASETS, load_dataset, split_validation
 from .distributed import DistContext, setup, sync_batch_norm
 from .errors import CheckpointError, OnebitError
 from .files import atomic_write, zip_integrity_error
-from .layers import clip_latent_weights
+from .layers import clip_latent_weights, has_stochastic_quantizer, recompute_batchnorm
 from .losses import distillation_loss, get_loss
 from .memory import peak_rss
 from .memory import compressed_activations
@@ -361,6 +361,12 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         **config.scheduler_kwargs,
     )
 
+    # a stochastic quantizer's eval form is deterministic: its batch norms need their own statistics
+    stochastic = has_stochastic_quantizer(model)
+
+    def training_images():
+        return (x.to(device) for x, _ in BatchLoader(train_set, eval_batch))
+
     start_epoch, skip_batches, history, best = 0, 0, [], -1.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer_state"])
@@ -457,6 +463,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     "lr": optimizer.param_groups[0]["lr"],
                     "seconds": time.perf_counter() - epoch_start,
                 }
+                if stochastic:
+                    recompute_batchnorm(model, training_images())
                 if val_loader is not None:
                     val = evaluate(model, val_loader, loss_fn, num_classes)
                     row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -481,9 +489,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         if progress:
             print(f"recomputing batch-norm statistics over the {len(train_set)} training images", flush=True)
         # running averages mix statistics of weights that kept changing; these are the finished
-        # network's own (McDonnell 2018, Section 3.2.1: "a small benefit"). update_bn feeds each
-        # batch's images, the model in training mode, and restores the mode and the BN momenta.
-        torch.optim.swa_utils.update_bn(BatchLoader(train_set, config.batch_size), model, device=device)
+        # network's own (McDonnell 2018, Section 3.2.1: "a small benefit")
+        recompute_batchnorm(model, training_images())
         if main:
             save_checkpoint(out / "last.pt", state(config.epochs, 0))
             if _best_epoch(history) == config.epochs:  # best.pt holds these weights too
