@@ -485,7 +485,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         if log is not None:
             log.close()
 
-    if config.recompute_bn and not interrupted and len(history) == config.epochs:
+    # a stochastic network's statistics were already recomputed after its last epoch
+    if config.recompute_bn and not stochastic and not interrupted and len(history) == config.epochs:
         if progress:
             print(f"recomputing batch-norm statistics over the {len(train_set)} training images", flush=True)
         # running averages mix statistics of weights that kept changing; these are the finished
