@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from onebit.cli import main
 
@@ -160,6 +161,23 @@ def test_parser_builds_without_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_train_passes_optimizer_options_and_rejects_unknown_ones(tmp_path):
+    out = tmp_path / "bop"
+    assert main(["train", "binarynet_mlp", "--dataset", "digits", "-m", "hidden=32", "--epochs", "1",
+                 "--threads", "1", "--quiet", "--optimizer", "bop", "--optimizer-arg", "threshold=1e-6",
+                 "--optimizer-arg", "gamma=1e-2", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer_kwargs"] == {"threshold": 1e-6, "gamma": 1e-2}
+    state = torch.load(out / "last.pt", weights_only=True)
+    bop_group = state["optimizer_state"]["bop"]["param_groups"][0]
+    assert bop_group["threshold"] == 1e-6 and bop_group["initial_lr"] == pytest.approx(1e-2)  # γ, not Adam's lr 1e-3
+    bad = run_cli("train", "float_mlp", "--dataset", "digits", "--epochs", "1", "--optimizer", "sgd",
+                  "--optimizer-arg", "gamma=0.1", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "'sgd' does not take 'gamma'; its options: momentum, nesterov" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_train_with_crop_flip_cutout_schedule_args_and_compressed_learning(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "float_mlp", "--dataset", "digits", "-m", "hidden=32", "--epochs", "2", "--threads", "1",
@@ -174,6 +192,7 @@ def test_train_with_crop_flip_cutout_schedule_args_and_compressed_learning(tmp_p
     bad = run_cli("train", "float_mlp", "--dataset", "digits", "--epochs", "1", "--scheduler", "sgdr",
                   "--scheduler-arg", "nope=1", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()  # a bad setting leaves no output folder behind
     bad = run_cli("train", "float_mlp", "--dataset", "digits", "--epochs", "1", "--crop-padding", "-1",
                   "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "crop padding" in bad.stderr and "Traceback" not in bad.stderr

@@ -96,6 +96,7 @@ def test_param_groups_without_scaling_is_one_group():
         assert [g["name"] for g in opt.param_groups] == ["default"]
         assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["weight_decay"] == 0
     assert build_optimizer(model, "sgd", 0.1, momentum=0.5).param_groups[0]["momentum"] == 0.5
+    assert build_optimizer(model, "sgd", 0.1, nesterov=True).param_groups[0]["nesterov"] is True
 
 
 def test_adam_uses_the_fused_kernel_on_cpu():
@@ -110,6 +111,14 @@ def test_unknown_optimizer_and_bad_settings():
         build_optimizer(small_model(), "adam", -1.0)
     with pytest.raises(OnebitError, match="binary weights"):
         build_optimizer(nn.Sequential(nn.Linear(3, 2)), "bop", 1e-3)
+    with pytest.raises(OnebitError, match="'adam' does not take 'momentum'; its options: none"):
+        build_optimizer(small_model(), "adam", 1e-3, momentum=0.9)
+    with pytest.raises(OnebitError, match="'bop' does not take 'lr_end'; its options: threshold, gamma"):
+        build_optimizer(small_model(), "bop", 1e-3, lr_end=0.1)
+    with pytest.raises(OnebitError, match="momentum must be in"):
+        build_optimizer(small_model(), "sgd", 0.1, momentum=1.0)
+    with pytest.raises(OnebitError, match="Nesterov"):
+        build_optimizer(small_model(), "sgd", 0.1, momentum=0.0, nesterov=True)
 
 
 def test_training_step_follows_scaled_lr():
@@ -160,7 +169,7 @@ def test_bop_skips_parameters_without_grad():
 
 def test_bop_optimizer_combines_bop_and_adam():
     model = small_model()
-    opt = build_optimizer(model, "bop", 1e-3, bop_threshold=1e-6, bop_gamma=1e-2)
+    opt = build_optimizer(model, "bop", 1e-3, threshold=1e-6, gamma=1e-2)
     assert isinstance(opt, CombinedOptimizer)
     assert list(opt.optimizers) == ["adam", "bop"]
     binary = {id(model[0].weight), id(model[3].weight)}
@@ -181,12 +190,12 @@ def test_bop_optimizer_combines_bop_and_adam():
 def test_combined_state_dict_round_trip():
     model = small_model()
     twin = copy.deepcopy(model)
-    opt = build_optimizer(model, "bop", 1e-3, bop_threshold=1e-4, bop_gamma=0.1)
+    opt = build_optimizer(model, "bop", 1e-3, threshold=1e-4, gamma=0.1)
     for seed in range(3):
         set_grads(model, seed)
         opt.step()
     twin.load_state_dict(model.state_dict())
-    twin_opt = build_optimizer(twin, "bop", 1e-3, bop_threshold=1e-4, bop_gamma=0.1)
+    twin_opt = build_optimizer(twin, "bop", 1e-3, threshold=1e-4, gamma=0.1)
     twin_opt.load_state_dict(roundtrip(opt.state_dict()))
     for seed in range(3, 6):
         set_grads(model, seed)
@@ -322,7 +331,7 @@ def test_constant_and_unknown_schedulers():
 
 def test_scheduler_scales_bop_gamma_with_the_lr():
     model = small_model()
-    opt = build_optimizer(model, "bop", 1e-3, bop_gamma=1e-4)
+    opt = build_optimizer(model, "bop", 1e-3, gamma=1e-4)
     build_scheduler(opt, "exponential", epochs=2, steps_per_epoch=1, lr_end=1e-5).step_epoch()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert opt.optimizers["bop"].param_groups[0]["lr"] == pytest.approx(1e-5)

@@ -262,12 +262,13 @@ def test_settings_that_other_settings_make_moot_do_not_split_repeats(tmp_path):
     assert report.seed_groups(distilled) == []
 
 
-def test_command_reproduces_augmentation_schedule_and_memory_options(tmp_path):
+def test_command_reproduces_augmentation_optimizer_schedule_and_memory_options(tmp_path):
     from onebit.cli import main
 
     original = dataclasses.asdict(tiny(tmp_path / "first", model="float_mlp", epochs=1, augment=True, crop_padding=1,
                                        flip=True, cutout=2, compressed="rounded", recompute_bn=True, scheduler="sgdr",
-                                       scheduler_kwargs={"t0": 1}))
+                                       scheduler_kwargs={"t0": 1}, optimizer="sgd", lr=0.01,
+                                       optimizer_kwargs={"momentum": 0.5, "nesterov": True}))
     argv = shlex.split(report.train_command(original))[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "again")
     assert main(argv + ["--quiet", "--threads", "1"]) == 0

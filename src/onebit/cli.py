@@ -96,6 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
         scheduler_kwargs=dict(args.scheduler_arg) if args.scheduler_arg else None,
+        optimizer_kwargs=dict(args.optimizer_arg) if args.optimizer_arg else None,
     )
     model_kwargs = _model_kwargs(args.model_arg)
     if args.recipe:
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="initial learning rate (default 1e-3)")
     train.add_argument("--lr-end", type=float, help="final learning rate of the exponential schedule")
     train.add_argument("--optimizer", help="adam (default), sgd or bop")
+    train.add_argument("--optimizer-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+                       help="optimizer option, e.g. --optimizer-arg momentum=0.95 for sgd, "
+                            "--optimizer-arg threshold=1e-6 --optimizer-arg gamma=1e-3 for bop (repeatable)")
     train.add_argument("--lr-scaling", action="store_true", default=None,
                        help="BinaryNet's per-layer learning-rate scaling (1/Glorot range) for binary layers")
     train.add_argument("--weight-decay", type=float, help="default 0")

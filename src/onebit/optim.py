@@ -29,6 +29,7 @@ with a sign-like weight quantizer); this module needs only torch.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Iterable
 
@@ -290,18 +291,28 @@ class CombinedOptimizer:
 
 # --------------------------------------------------------------------------- optimizers
 @OPTIMIZERS.register
-def adam(model: nn.Module, lr: float, *, weight_decay: float = 0.0, lr_scaling: bool = False, **_) -> torch.optim.Optimizer:
+def adam(model: nn.Module, lr: float, *, weight_decay: float = 0.0, lr_scaling: bool = False) -> torch.optim.Optimizer:
     """Adam (fused on CPU/CUDA), L2 weight decay on weights only; BinaryNet's optimizer."""
     return _adam(param_groups(model, lr, weight_decay=weight_decay, lr_scaling=lr_scaling), lr)
 
 
 @OPTIMIZERS.register
 def sgd(
-    model: nn.Module, lr: float, *, weight_decay: float = 0.0, lr_scaling: bool = False, momentum: float = 0.9, **_
+    model: nn.Module,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    lr_scaling: bool = False,
+    momentum: float = 0.9,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    """SGD with (heavy-ball) momentum, weight decay on weights only."""
+    """SGD with (heavy-ball, or Nesterov) momentum, weight decay on weights only."""
+    if not 0 <= momentum < 1:
+        raise OnebitError(f"SGD momentum must be in [0, 1), got {momentum!r}")
+    if nesterov and momentum == 0:
+        raise OnebitError("Nesterov SGD needs a momentum > 0")
     groups = param_groups(model, lr, weight_decay=weight_decay, lr_scaling=lr_scaling)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, **_fast_kwargs(groups))
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **_fast_kwargs(groups))
 
 
 @OPTIMIZERS.register
@@ -310,22 +321,26 @@ def bop(
     lr: float,
     *,
     weight_decay: float = 0.0,
-    bop_threshold: float = 1e-8,
-    bop_gamma: float = 1e-4,
-    **_,
+    lr_scaling: bool = False,
+    threshold: float = 1e-8,
+    gamma: float = 1e-4,
 ) -> CombinedOptimizer:
-    """Bop (Helwegen et al. 2019) flips the binary weights; Adam trains the rest (BN, biases, real layers)."""
+    """Bop (Helwegen et al. 2019) flips the binary weights; Adam trains the rest (BN, biases, real layers).
+
+    ``threshold`` (τ) and ``gamma`` (γ, the adaptivity rate) are Bop's; ``lr_scaling`` has no
+    meaning without latent weights and is ignored.
+    """
     binary = [m.weight for _, m in binary_layers(model) if m.weight.requires_grad]
     if not binary:
         raise OnebitError("optimizer bop needs a model with binary weights; this one has none (use adam or sgd)")
     unique = list({id(p): p for p in binary}.values())
-    bop_group = {"params": unique, "name": "binary", "lr": bop_gamma, "lr_scale": bop_gamma / lr,
-                 "base_lr": lr, "threshold": bop_threshold}
+    bop_group = {"params": unique, "name": "binary", "lr": gamma, "lr_scale": gamma / lr,
+                 "base_lr": lr, "threshold": threshold}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     rest = param_groups(model, lr, weight_decay=weight_decay, exclude=unique)
     if rest:
         optimizers["adam"] = _adam(rest, lr)
-    optimizers["bop"] = Bop([bop_group], threshold=bop_threshold, gamma=bop_gamma)
+    optimizers["bop"] = Bop([bop_group], threshold=threshold, gamma=gamma)
     return CombinedOptimizer(optimizers)
 
 
@@ -336,31 +351,28 @@ def build_optimizer(
     *,
     weight_decay: float = 0.0,
     lr_scaling: bool = False,
-    momentum: float = 0.9,
-    bop_threshold: float = 1e-8,
-    bop_gamma: float = 1e-4,
+    **options,
 ):
     """The optimizer ``name`` (``"adam"``, ``"sgd"``, ``"bop"``) for ``model``'s parameters.
 
     ``lr_scaling`` gives each binary layer's latent weight BinaryNet's per-layer lr scale
     (Adam and SGD; Bop has no learning rate for binary weights and ignores it). Weight decay
-    never applies to BatchNorm parameters or biases. ``momentum`` is SGD's; ``bop_threshold``
-    (τ) and ``bop_gamma`` (γ) are Bop's. An unknown name raises
-    :class:`onebit.errors.UnknownNameError` listing the valid ones.
+    never applies to BatchNorm parameters or biases. ``options`` are the optimizer's own:
+    SGD's ``momentum`` (0.9) and ``nesterov``; Bop's ``threshold`` (τ, 1e-8) and ``gamma``
+    (γ, 1e-4). An unknown name raises :class:`onebit.errors.UnknownNameError` listing the
+    valid ones; an option the optimizer does not take, :class:`OnebitError` listing its options.
     """
     factory = OPTIMIZERS.get(name)
     _check_lr(lr)
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise OnebitError(f"weight decay must be ≥ 0, got {weight_decay!r}")
-    return factory(
-        model,
-        lr,
-        weight_decay=weight_decay,
-        lr_scaling=lr_scaling,
-        momentum=momentum,
-        bop_threshold=bop_threshold,
-        bop_gamma=bop_gamma,
-    )
+    accepted = [p.name for p in inspect.signature(factory).parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.name not in ("weight_decay", "lr_scaling")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) or "none"
+        raise OnebitError(f"optimizer {name!r} does not take {unknown[0]!r}; its options: {valid}")
+    return factory(model, lr, weight_decay=weight_decay, lr_scaling=lr_scaling, **options)
 
 
 # --------------------------------------------------------------------------- schedules

@@ -70,6 +70,7 @@ TRAIN_KEYS: dict[str, tuple[type, ...]] = {
     "val_fraction": (float, int),
     "seed": (int,),
     "scheduler_kwargs": (dict,),
+    "optimizer_kwargs": (dict,),
     "flip": (bool,),
     "cutout": (int,),
     "crop_padding": (int,),

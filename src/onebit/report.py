@@ -408,8 +408,9 @@ def train_command(config: dict) -> str:
     if config.get("teacher"):
         parts += ["--distill-weight", repr(config.get("distill_weight", defaults["distill_weight"])),
                   "--distill-temperature", repr(config.get("distill_temperature", defaults["distill_temperature"]))]
-    for key, value in (config.get("scheduler_kwargs") or {}).items():
-        parts += ["--scheduler-arg", f"{key}={_cli_value(value)}"]
+    for option, flag in (("optimizer_kwargs", "--optimizer-arg"), ("scheduler_kwargs", "--scheduler-arg")):
+        for key, value in (config.get(option) or {}).items():
+            parts += [flag, f"{key}={_cli_value(value)}"]
     if config.get("out"):
         parts += ["--out", str(config["out"])]
     return " ".join(_quote(str(p)) for p in parts)

@@ -85,6 +85,7 @@ class TrainConfig:
     amp: bool = False
     recipe: str | None = None  # the recipe (onebit.recipes) these settings started from, for the record
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. SGD's momentum, Bop's threshold
     flip: bool = False
     cutout: int = 0
     compressed: str | None = None  # an activation code of onebit.memory.CODES: compressed learning
@@ -303,10 +304,6 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     out = Path(config.out)
     main = context.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # temporary files of writes a kill interrupted
-            stale.unlink(missing_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = context.device
@@ -339,7 +336,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     num_classes = model_kwargs["num_classes"]
     loss_fn = get_loss(config.loss)
     optimizer = build_optimizer(
-        model, config.optimizer, config.lr, weight_decay=config.weight_decay, lr_scaling=config.lr_scaling
+        model, config.optimizer, config.lr, weight_decay=config.weight_decay, lr_scaling=config.lr_scaling,
+        **config.optimizer_kwargs,
     )
     default_padding = 4 if full_train.images.shape[-1] >= 28 else 1
     crop = (default_padding if config.crop_padding is None else config.crop_padding) if config.augment else 0
@@ -360,6 +358,11 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         optimizer, config.scheduler, epochs=config.epochs, steps_per_epoch=len(train_loader), lr_end=config.lr_end,
         **config.scheduler_kwargs,
     )
+    # the folder is made only now, so that a bad setting above leaves nothing behind
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # temporary files of writes a kill interrupted
+            stale.unlink(missing_ok=True)
 
     # a stochastic quantizer's eval form is deterministic: its batch norms need their own statistics
     stochastic = has_stochastic_quantizer(model)
