@@ -247,6 +247,19 @@ def test_repeated_runs_show_their_float_twin_group_and_the_gap_of_means(tmp_path
     assert "model=float_mlp" in floats and "loss" not in floats
 
 
+def test_repeated_runs_name_a_left_out_model_argument_as_the_model_default(tmp_path):
+    def run(name, seed, **model_kwargs):
+        config = {"model": "binarynet_mlp", "dataset": "digits", "seed": seed, "model_kwargs": model_kwargs}
+        return report.Run(path=tmp_path / name, result={"test_accuracy": 0.9, "epochs": 2}, config=config,
+                          history=[], model_kwargs=model_kwargs)
+
+    runs = [run("wide_s0", 0), run("wide_s1", 1), run("narrow_s0", 0, hidden=64), run("narrow_s1", 1, hidden=64)]
+    table = report.render_markdown(runs, {})
+    rows = {line.split(" | ")[-1].rstrip(" |"): line for line in table.splitlines() if "± " in line}
+    assert "| -m hidden (model default) |" in rows["wide_s0, wide_s1"]
+    assert "| -m hidden=64 |" in rows["narrow_s0, narrow_s1"]
+
+
 def test_settings_that_other_settings_make_moot_do_not_split_repeats(tmp_path):
     def run(name, seed, **settings):
         config = {"model": "binarynet_mlp", "dataset": "digits", "seed": seed, **settings}

@@ -502,7 +502,8 @@ def _difference(run: Run, others: Sequence[Run]) -> str:
     fewest = min(len(differing(o)) for o in others)
     # several groups can be equally near (one differs in the model, another in a setting): name every difference
     keys = sorted({k for o in others if len(differing(o)) == fewest for k in differing(o)})
-    return ", ".join(f"{k}={mine.get(k)}" for k in keys) or "—"
+    # a model argument the run left out is the model's default, which only the model knows
+    return ", ".join(f"{k}={mine[k]}" if k in mine else f"{k} (model default)" for k in keys) or "—"
 
 
 def _twin_group(group: Sequence[Run], groups: Sequence[Sequence[Run]]) -> Sequence[Run] | None:
