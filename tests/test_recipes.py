@@ -170,13 +170,18 @@ def test_invalid_recipes(recipe_folder, body, message):
         load_recipe("bad")
 
 
-def test_extends_merges_model_kwargs_and_detects_cycles(recipe_folder):
+def test_extends_merges_tables_key_by_key_and_detects_cycles(recipe_folder):
     (recipe_folder / "base.toml").write_text(
-        'model = "binarynet_mlp"\ndataset = "digits"\nepochs = 5\n[model_kwargs]\nhidden = 32\ndepth = 2\n'
+        'model = "binarynet_mlp"\ndataset = "digits"\nepochs = 5\noptimizer = "sgd"\n[model_kwargs]\nhidden = 32\n'
+        'depth = 2\n[optimizer_kwargs]\nmomentum = 0.9\nnesterov = true\n[scheduler_kwargs]\nt0 = 2\n'
     )
-    (recipe_folder / "child.toml").write_text('extends = "base"\nepochs = 7\n[model_kwargs]\nhidden = 16\n')
+    (recipe_folder / "child.toml").write_text(
+        'extends = "base"\nepochs = 7\n[model_kwargs]\nhidden = 16\n[optimizer_kwargs]\nmomentum = 0.5\n'
+    )
     child = load_recipe("child")
     assert child["epochs"] == 7 and child["model_kwargs"] == {"hidden": 16, "depth": 2}
+    assert child["optimizer_kwargs"] == {"momentum": 0.5, "nesterov": True} and child["scheduler_kwargs"] == {"t0": 2}
+    assert recipe_config("child").optimizer_kwargs == {"momentum": 0.5, "nesterov": True}
     (recipe_folder / "a.toml").write_text('extends = "b"\n')
     (recipe_folder / "b.toml").write_text('extends = "a"\n')
     with pytest.raises(ConfigError, match="cycle"):
@@ -208,7 +213,7 @@ def test_every_recipe_reduces_its_loss(name):
     info = DATASETS.get(config.dataset).info
     model = build(config)
     optimizer = build_optimizer(model, config.optimizer, config.lr, weight_decay=config.weight_decay,
-                                lr_scaling=config.lr_scaling)
+                                lr_scaling=config.lr_scaling, **config.optimizer_kwargs)
     steps = 24  # stochastic binarization (BinaryConnect) makes single steps noisy
     scheduler = build_scheduler(optimizer, config.scheduler, epochs=2, steps_per_epoch=steps // 2, lr_end=config.lr_end)
     loss_fn = get_loss(config.loss)

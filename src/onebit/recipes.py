@@ -16,9 +16,11 @@ File format (TOML, read with the standard library's ``tomllib``, Python 3.11+):
 * top-level keys: the TrainConfig fields in :data:`TRAIN_KEYS`, plus ``description`` (one
   line), ``float_twin`` (the registered float model that is this recipe's full-precision
   baseline) and ``extends`` (another recipe's name: start from it, then apply this file's
-  keys; ``[model_kwargs]`` tables are merged key by key);
+  keys; tables such as ``[model_kwargs]`` are merged key by key);
 * ``[model_kwargs]``: keyword arguments of the model; TOML has no null, so the string
-  ``"none"`` stands for Python ``None`` (e.g. ``weight_clip = "none"``).
+  ``"none"`` stands for Python ``None`` (e.g. ``weight_clip = "none"``);
+* ``[optimizer_kwargs]`` and ``[scheduler_kwargs]``: the optimizer's options (SGD's
+  ``momentum``, Bop's ``threshold``) and the schedule's (SGDR's ``t0``).
 
 Unknown keys raise :class:`~onebit.errors.ConfigError` naming the key; an unknown recipe name
 raises :class:`~onebit.errors.UnknownNameError` listing the valid ones.
@@ -177,9 +179,12 @@ def _resolve(name: str, chain: tuple[str, ...] = ()) -> dict:
     if base_name not in _files():
         raise ConfigError(f"recipe {name}: extends unknown recipe {base_name!r}; valid: {', '.join(list_recipes())}")
     merged = _resolve(base_name, chain + (name,))
-    kwargs = {**merged.get("model_kwargs", {}), **raw.pop("model_kwargs", {})}
-    merged.update(raw)
-    merged["model_kwargs"] = kwargs
+    for key, value in raw.items():
+        base = merged.get(key)
+        if isinstance(value, dict) and isinstance(base, dict):  # a table: merged key by key
+            value = {**base, **value}
+        merged[key] = value
+    merged.setdefault("model_kwargs", {})
     return merged
 
 
