@@ -79,7 +79,7 @@ def test_resumed_distillation_is_bit_exact(teacher_checkpoint, tmp_path, augment
     a, b = (load_checkpoint(tmp_path / run / "last.pt")["model_state"] for run in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match="teacher"):
-        train(digits_run(tmp_path / "b", epochs=3, resume=True))
+        train(digits_run(tmp_path / "b", epochs=3, resume=True, flip=augment))
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -60,9 +60,10 @@ def test_resume_after_one_epoch_is_bit_exact(tmp_path):
     assert_same_state(weights(tmp_path / "a" / "run" / "last.pt"), weights(tmp_path / "b" / "run" / "last.pt"))
 
 
-def test_interrupt_mid_epoch_saves_and_resume_is_bit_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupt_after", [5, 21])  # digits, batch 64: 21 batches an epoch
+def test_interrupt_mid_epoch_saves_and_resume_is_bit_exact(tmp_path, monkeypatch, interrupt_after):
     config = dict(epochs=2, model_kwargs={"hidden": 64}, optimizer="adam", scheduler="exponential", lr_end=1e-4)
-    train(small(tmp_path / "a", **config))
+    straight = train(small(tmp_path / "a", **config))
 
     import onebit.train as train_module
 
@@ -72,7 +73,7 @@ def test_interrupt_mid_epoch_saves_and_resume_is_bit_exact(tmp_path, monkeypatch
     def clip_then_interrupt(model):  # called once per optimizer step
         clip(model)
         steps["n"] += 1
-        if steps["n"] == 5:  # Ctrl-C in the middle of the first epoch
+        if steps["n"] == interrupt_after:  # Ctrl-C in the middle, or after the last batch, of the first epoch
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(train_module, "clip_latent_weights", clip_then_interrupt)
@@ -80,15 +81,56 @@ def test_interrupt_mid_epoch_saves_and_resume_is_bit_exact(tmp_path, monkeypatch
     monkeypatch.undo()
     assert interrupted.interrupted
     state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
-    assert state["epoch"] == 0 and state["batches_done"] == 5
-    train(small(tmp_path / "b", resume=True, **config))
+    assert state["epoch"] == 0 and state["batches_done"] == interrupt_after
+    resumed = train(small(tmp_path / "b", resume=True, **config))
     assert_same_state(weights(tmp_path / "a" / "run" / "last.pt"), weights(tmp_path / "b" / "run" / "last.pt"))
+    # the cut epoch's metrics cover the batches before the Ctrl-C too, so best.pt is chosen as straight
+    for mine, theirs in zip(resumed.history, straight.history, strict=True):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-12)
+        assert (mine["train_accuracy"], mine["val_accuracy"]) == (theirs["train_accuracy"], theirs["val_accuracy"])
+    assert_same_state(weights(tmp_path / "a" / "run" / "best.pt"), weights(tmp_path / "b" / "run" / "best.pt"))
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
+@pytest.mark.parametrize("change", [{"seed": 3}, {"lr": 0.02}, {"lr_end": 1e-4}, {"flip": True},
+                                    {"val_fraction": 0.2}, {"weight_decay": 1e-4}, {"scheduler_kwargs": {"t0": 1}},
+                                    {"optimizer": "sgd", "optimizer_kwargs": {"momentum": 0.5}}])
+def test_resume_with_other_settings_is_refused(tmp_path, change):
+    train(small(tmp_path, epochs=1, scheduler="sgdr"))
+    key = "optimizer" if "optimizer" in change else next(iter(change))
+    with pytest.raises(CheckpointError, match=f"cannot resume: {key} was"):
+        train(small(tmp_path, epochs=2, scheduler="sgdr", resume=True, **change))
+
+
+def test_resume_accepts_more_epochs_and_checkpoints_older_than_a_setting(tmp_path):
+    from onebit.train import save_checkpoint
+
     train(small(tmp_path, epochs=1))
-    with pytest.raises(CheckpointError, match="seed"):
-        train(small(tmp_path, epochs=2, seed=3, resume=True))
+    path = tmp_path / "run" / "last.pt"
+    state = load_checkpoint(path)
+    del state["config"]["optimizer_kwargs"]  # a checkpoint written before the setting existed
+    save_checkpoint(path, state)
+    assert train(small(tmp_path, epochs=2, resume=True)).epochs_run == 2
+
+
+def test_tensorboard_holds_each_epoch_once_after_a_resume_and_a_fresh_run(tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged_epochs():
+        events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+        events.Reload()
+        return [e.step for e in events.Scalars("train_loss")]
+
+    train(small(tmp_path, epochs=2))
+    shutil.copy(tmp_path / "run" / "last.pt", tmp_path / "epoch2.pt")
+    train(small(tmp_path, epochs=3, resume=True))
+    # a kill after epoch 3's metrics but before its checkpoint: the resumed run redoes epoch 3
+    shutil.copy(tmp_path / "epoch2.pt", tmp_path / "run" / "last.pt")
+    train(small(tmp_path, epochs=3, resume=True))
+    assert logged_epochs() == [1, 2, 3]
+    train(small(tmp_path, epochs=2))  # a fresh run in the same folder starts a fresh log
+    assert logged_epochs() == [1, 2]
 
 
 def test_resume_without_checkpoint(tmp_path):

@@ -283,29 +283,17 @@ def _saved_activation_mib(run: Run) -> float | None:
     return saved.activations / 2**20
 
 
+# onebit.train imports torch, which the command line's parser (built from this module) must not need
 def _config_defaults() -> dict:
-    """Every TrainConfig field's default value."""
-    from .train import TrainConfig
+    from .train import config_defaults
 
-    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(TrainConfig)}
-
-
-#: settings that do not define an experiment: runs differing only in these are repeats
-_NOT_THE_EXPERIMENT = ("seed", "out", "resume", "progress", "threads", "data_dir", "device")
+    return config_defaults()
 
 
 def _settings(config: dict) -> dict:
-    """The experiment's training settings: ``config`` over TrainConfig's defaults (a run folder may
-    predate a setting), minus those that do not define the experiment and those that a run's other
-    settings make moot (the crop padding without augmentation, distillation without a teacher)."""
-    settings = {**_config_defaults(), **config}
-    moot = set(_NOT_THE_EXPERIMENT)
-    if not settings.get("augment"):
-        moot.add("crop_padding")
-    if not settings.get("teacher"):
-        moot |= {"distill_weight", "distill_temperature"}
-    return {k: v for k, v in settings.items() if k not in moot}
+    from .train import experiment_settings
+
+    return experiment_settings(config)
 
 
 # a float twin differs here by design (lr_scaling is for binary weights; model_kwargs are compared

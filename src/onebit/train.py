@@ -9,9 +9,11 @@ Typical use::
 
 Each epoch writes ``last.pt`` (and ``best.pt`` when validation improves) atomically into
 ``out``; ``TrainConfig(resume=True)`` continues from ``last.pt`` so that 2 epochs straight and
-1 + 1 resumed give identical weights. Batches depend only on (seed, epoch), and the torch RNG
-state (dropout, stochastic binarization) is stored in the checkpoint. Ctrl-C saves the state
-reached mid-epoch, including how many batches of the epoch were done, and resuming skips them.
+1 + 1 resumed give identical weights and metrics. Batches depend only on (seed, epoch), and the
+torch RNG states (dropout, stochastic binarization; CPU and CUDA) are stored in the checkpoint.
+Ctrl-C saves the state reached mid-epoch, including how many batches of the epoch were done and
+their loss and accuracy sums, and resuming skips them. A resumed run must keep every setting
+that changes what it computes (:func:`experiment_settings`) except ``epochs``, which may grow.
 
 Under ``torchrun`` (see :mod:`onebit.distributed`) the same function trains data-parallel:
 ``batch_size`` per process, gradients averaged by DDP, optional global batch norm
@@ -123,6 +125,46 @@ class TrainResult:
     interrupted: bool = False
 
 
+#: settings that do not change what a run computes: runs differing only in these are repeats
+NOT_THE_EXPERIMENT = ("seed", "out", "resume", "progress", "threads", "data_dir", "device")
+
+#: experiment settings a resumed run may change: more epochs extend the run, recompute_bn acts
+#: after the last epoch, and the recipe name is a label
+_MAY_CHANGE_ON_RESUME = ("epochs", "recompute_bn", "recipe")
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every TrainConfig field's default value."""
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
+
+
+def experiment_settings(config: dict) -> dict[str, Any]:
+    """The settings that define what a run computes: ``config`` (a TrainConfig as a dict, maybe
+    from an older version) over the defaults, minus :data:`NOT_THE_EXPERIMENT` and the settings
+    that others make moot (the crop padding without augmentation, distillation without a teacher)."""
+    settings = {**config_defaults(), **config}
+    moot = set(NOT_THE_EXPERIMENT)
+    if not settings.get("augment"):
+        moot.add("crop_padding")
+    if not settings.get("teacher"):
+        moot |= {"distill_weight", "distill_temperature"}
+    return {k: v for k, v in settings.items() if k not in moot}
+
+
+def _check_resumable(saved_config: dict, config: TrainConfig, path: Path) -> None:
+    """Refuse to resume ``path`` under settings that would compute something else."""
+    saved = {**experiment_settings(saved_config), "seed": saved_config.get("seed")}
+    now = {**experiment_settings(dataclasses.asdict(config)), "seed": config.seed}
+    # in the fields' order, so that a changed teacher is named rather than its moot temperature
+    for key in (f.name for f in dataclasses.fields(TrainConfig)):
+        if key in _MAY_CHANGE_ON_RESUME:
+            continue
+        if saved.get(key) != now.get(key):
+            raise CheckpointError(f"cannot resume: {key} was {saved.get(key)!r} in {path}, now {now.get(key)!r} "
+                                  "(resume with the run's own settings, or start a new run)")
+
+
 def model_kwargs_for(config: TrainConfig) -> dict[str, Any]:
     """The model's constructor arguments: the dataset fixes input shape and class count."""
     info = DATASETS.get(config.dataset).info
@@ -188,14 +230,17 @@ class MetricsLog:
         """``resume_epoch``: the epoch a resumed run continues after (None: a fresh run)."""
         self.jsonl = out / "metrics.jsonl"
         self.csv = out / "metrics.csv"
+        events = out / "tensorboard"
         if resume_epoch is None:
-            for path in (self.jsonl, self.csv):
+            for path in (self.jsonl, self.csv, *events.glob("events.out.tfevents.*")):
                 path.unlink(missing_ok=True)
         else:  # a kill between the metrics row and the checkpoint leaves rows the resumed run redoes
             self._keep_epochs(resume_epoch)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"))
+        # purge_step: TensorBoard drops the earlier files' events from the first epoch redone on
+        self.tensorboard = SummaryWriter(log_dir=str(events),
+                                         purge_step=None if resume_epoch is None else resume_epoch + 1)
 
     def _keep_epochs(self, last: int) -> None:
         if self.jsonl.exists():
@@ -310,13 +355,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
 
     resume_state = load_checkpoint(out / "last.pt") if config.resume else None
     if resume_state is not None:
-        saved = dict(resume_state["config"])
-        for key in ("model", "dataset", "model_kwargs", "seed", "batch_size", "optimizer", "loss", "scheduler",
-                    "teacher"):
-            if saved.get(key) != getattr(config, key):
-                raise CheckpointError(
-                    f"cannot resume: {key} was {saved.get(key)!r} in {out / 'last.pt'}, now {getattr(config, key)!r}"
-                )
+        _check_resumable(dict(resume_state["config"]), config, out / "last.pt")
 
     torch.manual_seed(config.seed)
     full_train = load_dataset(config.dataset, "train", data_dir=config.data_dir)
@@ -375,15 +414,19 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         optimizer.load_state_dict(resume_state["optimizer_state"])
         scheduler.load_state_dict(resume_state["scheduler_state"])
         torch.set_rng_state(resume_state["rng_state"])
+        if device.type == "cuda" and "cuda_rng_state" in resume_state:
+            torch.cuda.set_rng_state(resume_state["cuda_rng_state"], device)
         start_epoch = resume_state["epoch"]
         # a checkpoint counts batches of its own world size; keep the number of samples seen
         skip_batches = resume_state["batches_done"] * resume_state.get("world_size", 1) // context.world_size
         scheduler.batch = skip_batches
         history = list(resume_state["history"])
         best = resume_state["best_accuracy"]
+    # the loss and accuracy sums of an epoch a Ctrl-C cut short, so that its metrics row covers all of it
+    partial = dict(resume_state.get("partial_epoch") or {}) if skip_batches else {}
 
-    def state(epoch: int, batches_done: int) -> dict:
-        return {
+    def state(epoch: int, batches_done: int, partial_epoch: dict | None = None) -> dict:
+        saved = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "onebit_version": __version__,
@@ -400,6 +443,11 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
             "best_accuracy": best,
             "config": dataclasses.asdict(config),
         }
+        if partial_epoch is not None:
+            saved["partial_epoch"] = partial_epoch
+        if device.type == "cuda":  # dropout and stochastic binarization draw from the device's generator
+            saved["cuda_rng_state"] = torch.cuda.get_rng_state(device)
+        return saved
 
     if main:  # the run's settings in plain JSON, for onebit.report and for people
         with atomic_write(out / "config.json", "w") as handle:
@@ -418,7 +466,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                 train_loader.set_epoch(epoch)
                 if context.distributed:
                     torch.manual_seed(_epoch_seed(config.seed, epoch, context.rank))
-                running_loss, correct, seen = 0.0, 0, 0
+                running_loss, correct, seen = partial.get("loss", 0.0), partial.get("correct", 0), partial.get("seen", 0)
+                partial = {}
                 bar = _progress(train_loader.indexed(), len(train_loader), f"epoch {epoch + 1}/{config.epochs}", progress)
                 for batch_index, (indices, x, y) in enumerate(bar):
                     if batch_index < skip_batches:
@@ -447,7 +496,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     # every rank must stop after the same batch, or the next all-reduce hangs
                     if context.any_true(interrupt.raised):
                         if main:
-                            save_checkpoint(out / "last.pt", state(epoch, batch_index + 1))
+                            save_checkpoint(out / "last.pt", state(epoch, batch_index + 1,
+                                                                   {"loss": running_loss, "correct": correct, "seen": seen}))
                         interrupted = True
                         break
                 bar.close()
