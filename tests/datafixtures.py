@@ -6,7 +6,9 @@
   ``bytes`` with ``encoding="bytes"``, and arrays as ``numpy.core.multiarray._reconstruct``) holding
   ``{b'data': uint8 N×3072, b'labels': [int]}`` (CIFAR-100: ``b'fine_labels'``, ``b'coarse_labels'``),
   in ``cifar-10-batches-py/`` or ``cifar-100-python/``, optionally packed into the ``.tar.gz``.
-- SVHN: ``X`` uint8 32×32×3×N and ``y`` N×1 with 10 for digit 0, via ``scipy.io.savemat``.
+- SVHN: ``X`` uint8 32×32×3×N and ``y`` N×1 with 10 for digit 0, via ``scipy.io.savemat``;
+  :func:`mat_bytes` writes MATLAB level-5 variables by hand where scipy would not (data stored
+  in another type than the array's class, as MATLAB itself does to save space).
 """
 from __future__ import annotations
 
@@ -153,3 +155,19 @@ def make_svhn(root: Path, split: str = "train", n: int = 7, seed: int = 0):
     path.parent.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(path, {"X": x, "y": y})
     return path, images, digits
+
+
+def _mat_element(type_: int, data: bytes) -> bytes:
+    return struct.pack("<II", type_, len(data)) + data + bytes(-len(data) % 8)
+
+
+def mat_bytes(variables: list[tuple[str, int, tuple[int, ...], int, bytes]]) -> bytes:
+    """A little-endian level-5 ``.mat`` file of ``(name, class, shape, stored type, raw data)``
+    variables, uncompressed; class and type codes as in the MAT-file format (9 = uint8 class,
+    6 = double class; 2 = miUINT8, 3 = miINT16, 9 = miDOUBLE)."""
+    out = b"MATLAB 5.0 MAT-file, written by tests".ljust(116) + bytes(8) + struct.pack("<H", 0x0100) + b"IM"
+    for name, cls, shape, stored, data in variables:
+        body = (_mat_element(6, struct.pack("<II", cls, 0)) + _mat_element(5, struct.pack(f"<{len(shape)}i", *shape))
+                + _mat_element(1, name.encode("ascii")) + _mat_element(stored, data))
+        out += _mat_element(14, body)
+    return out

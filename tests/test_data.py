@@ -1,12 +1,16 @@
 """onebit.data: upstream formats, lookup order, downloads (never the network), corruption, batching."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import os
 import pickle
+import pickletools
+import struct
 import tarfile
+import tracemalloc
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,7 +31,7 @@ from onebit.data import (
     split_validation,
     to_float,
 )
-from onebit.errors import DataError, OnebitError, UnknownNameError
+from onebit.errors import DataError, FileWriteError, OnebitError, UnknownNameError
 
 from datafixtures import (
     idx_bytes,
@@ -35,6 +39,7 @@ from datafixtures import (
     make_cifar100,
     make_idx_dataset,
     make_svhn,
+    mat_bytes,
     py2_pickle,
     write_idx,
 )
@@ -219,6 +224,66 @@ def test_checksum_mismatch_on_download_keeps_nothing(tmp_path, monkeypatch):
         load_dataset("fashion_mnist", "test")
     assert "\n" not in str(err.value)
     assert files_under(tmp_path / "cache") == []
+
+
+def test_download_write_failure_is_reported_as_such(tmp_path, monkeypatch):
+    """A FileWriteError (an OSError) while saving a download was reported as "download failed"."""
+    (tmp_path / "file").write_bytes(b"")
+    monkeypatch.setenv("ONEBIT_CACHE", str(tmp_path / "file" / "cache"))  # under a file: mkdir fails, even as root
+    serve(monkeypatch, {r.filename: b"x" for r in D.REMOTES["mnist"]})
+    with pytest.raises(FileWriteError, match="cannot write") as err:
+        load_dataset("mnist", "test")
+    assert "download failed" not in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- MNIST and Fashion-MNIST apart
+FASHION_TEST_HEAD = [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+MNIST_TRAIN_HEAD = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def _idx_with_labels(directory: Path, split: str, labels: list[int]) -> None:
+    prefix = "train" if split == "train" else "t10k"
+    write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", np.zeros((len(labels), 28, 28), np.uint8))
+    write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", np.array(labels, np.uint8))
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_fashion_mnist_files_are_not_loaded_as_mnist(tmp_path, download):
+    """The two share file names and every bare root is searched for both: data_dir=<a Fashion-MNIST
+    folder> silently loaded Fashion-MNIST as "mnist"."""
+    d = tmp_path / "fashion"
+    _idx_with_labels(d, "test", FASHION_TEST_HEAD + [0, 1])
+    with pytest.raises(DataError, match="these are Fashion-MNIST labels, not MNIST") as err:
+        load_dataset("mnist", "test", data_dir=d, download=download)
+    message = str(err.value)
+    assert "\n" not in message and str(d / "t10k-labels-idx1-ubyte.gz") in message
+    assert ("download failed" if download else "downloading is off") in message
+    assert load_dataset("fashion_mnist", "test", data_dir=d).labels.tolist()[:10] == FASHION_TEST_HEAD
+    # the refused root is skipped, not fatal: a real copy further on is found
+    make_idx_dataset(d / "mnist", n_test=3)
+    assert len(load_dataset("mnist", "test", data_dir=d)) == 3
+
+
+def test_mnist_files_are_not_loaded_as_fashion_mnist(tmp_path):
+    _idx_with_labels(tmp_path, "train", MNIST_TRAIN_HEAD)
+    with pytest.raises(DataError, match="these are MNIST labels, not Fashion-MNIST"):
+        load_dataset("fashion_mnist", "train", data_dir=tmp_path, download=False)
+    assert len(load_dataset("mnist", "train", data_dir=tmp_path)) == 10
+    # other labels (fixtures, relabelled copies) and files too short to tell are not refused
+    _idx_with_labels(tmp_path, "train", MNIST_TRAIN_HEAD[:9])
+    assert len(load_dataset("fashion_mnist", "train", data_dir=tmp_path)) == 9
+    _idx_with_labels(tmp_path, "train", [1] + MNIST_TRAIN_HEAD[1:])
+    assert len(load_dataset("fashion_mnist", "train", data_dir=tmp_path)) == 10
+
+
+def test_real_fashion_mnist_is_refused_as_mnist(real_data_dir, isolated):
+    folder = real_data_dir / "fashion-mnist"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} does not exist")
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match="these are Fashion-MNIST labels, not MNIST"):
+            load_dataset("mnist", split, data_dir=folder, download=False)
+    assert isolated == []
 
 
 # --------------------------------------------------------------------------- idx corruption
@@ -414,6 +479,96 @@ def test_cifar_missing_offline(tmp_path, isolated):
     assert isolated == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
 
 
+@contextlib.contextmanager
+def allocation_below(limit: int):
+    """Peak Python/numpy allocation inside the block must stay below ``limit`` bytes."""
+    tracemalloc.start()
+    try:
+        yield
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"peak allocation {peak} bytes, limit {limit}"
+
+
+@pytest.mark.parametrize("blob", [
+    b"\x80\x02}r" + struct.pack("<I", 1 << 25) + b".",  # LONG_BINPUT: the memo grew to 2·index pointers
+    b"\x80\x02}r" + struct.pack("<I", 2**32 - 1) + b".",  # ... 64 GiB
+    b"\x80\x02}q\x05.",  # BINPUT
+    b"(dp99999999\n.",  # protocol 0 PUT
+    b"\x80\x02}q\x00]q\x00q\x07.",  # a later index past the count of stores
+])
+def test_pickle_forged_memo_index_is_refused_before_allocating(blob):
+    with allocation_below(1 << 20), pytest.raises(DataError, match="not a valid CIFAR pickle: memo index") as err:
+        D._safe_unpickle(blob, "evil")
+    assert "\n" not in str(err.value)
+
+
+def _renumber_memo_from_one(blob: bytes) -> bytes:
+    """``blob`` with every BINPUT/BINGET index + 1: how Python 2's cPickle, which wrote CIFAR, numbers them."""
+    out = bytearray(blob)
+    for opcode, arg, pos in pickletools.genops(blob):
+        if opcode.name in ("BINPUT", "BINGET"):
+            assert arg < 255
+            out[pos + 1] = arg + 1
+        assert opcode.name not in ("LONG_BINPUT", "LONG_BINGET", "PUT", "GET", "MEMOIZE")
+    return bytes(out)
+
+
+def test_cifar_memo_numbered_from_one_loads(tmp_path):
+    path, arrays = make_cifar10(tmp_path / "c", packed=False)
+    for member in path.iterdir():
+        member.write_bytes(_renumber_memo_from_one(member.read_bytes()))
+    assert b"}q\x01(" in (path / "test_batch").read_bytes()  # as in the real files
+    ds = load_dataset("cifar10", "test", data_dir=tmp_path / "c")
+    np.testing.assert_array_equal(ds.images, arrays["test"][0])
+    np.testing.assert_array_equal(ds.labels, arrays["test"][1])
+
+
+def _stand_ins() -> dict:
+    return {key: (value, type(value), dict(vars(type(value)))) for key, value in D._ArrayOnlyUnpickler._ALLOWED.items()}
+
+
+@pytest.mark.parametrize("state", [
+    b"(N}X\x08\x00\x00\x00__init__X\x05\x00\x00\x00pwnedst",  # (None, {'__init__': 'pwned'}): setattr
+    b"}X\x0c\x00\x00\x00__defaults__(K\x01ts",  # {'__defaults__': (1,)}: into __dict__
+])
+@pytest.mark.parametrize("global_", [
+    b"cnumpy\nndarray\n", b"cnumpy\ndtype\n",
+    b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy._core.multiarray\n_reconstruct\n",
+])
+def test_pickle_cannot_change_the_stand_ins(global_, state):
+    """BUILD on what find_class handed out (the module's own class or function) set attributes
+    on it, for this load and every later one: `ndarray.__init__ = 'pwned'`."""
+    before = _stand_ins()
+    blob = b"\x80\x02}(X\x01\x00\x00\x00a" + global_ + state + b"bu."
+    with pytest.raises(DataError, match="not a valid CIFAR pickle: refusing to set the state of numpy") as err:
+        D._safe_unpickle(blob, "evil")
+    assert "\n" not in str(err.value)
+    assert _stand_ins() == before
+    for value, _, _ in before.values():
+        with pytest.raises(AttributeError):
+            value.anything = 1
+    data = (np.arange(3072) % 251).astype(np.uint8)[None]
+    np.testing.assert_array_equal(D._safe_unpickle(py2_pickle({"data": data, "labels": [1]}), "good")["data"], data)
+
+
+def test_unreadable_extracted_cifar_file(tmp_path, monkeypatch):
+    path, _ = make_cifar10(tmp_path, packed=False)
+    broken = path / "test_batch"
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self == broken:
+            raise OSError(5, "Input/output error")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DataError, match="test_batch: cannot read: Input/output error") as err:
+        load_dataset("cifar10", "test", data_dir=path)
+    assert "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- SVHN
 def test_svhn_round_trip_maps_ten_to_zero(tmp_path):
     _, images, digits = make_svhn(tmp_path / "s", "train", n=12)
@@ -436,6 +591,37 @@ def test_corrupted_svhn(tmp_path):
     path.write_bytes(b"MATLAB 5.0 MAT-file" + os.urandom(300))
     with pytest.raises(DataError, match="test_32x32.mat"):
         load_dataset("svhn", "test", data_dir=tmp_path)
+
+
+def test_svhn_label_zero_is_refused(tmp_path):
+    """SVHN writes digit 0 as 10; a 0 was accepted (and read as digit 0) though the message says 1..10."""
+    import scipy.io
+
+    x = np.zeros((32, 32, 3, 2), np.uint8)
+    scipy.io.savemat(tmp_path / "test_32x32.mat", {"X": x, "y": np.array([[0], [3]], np.uint8)})
+    with pytest.raises(DataError, match="labels must be integers in 1..10"):
+        load_dataset("svhn", "test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("cls, stored, values, message", [
+    (9, 3, np.array([1, 300], "<i2"), "stored values 1..300 do not fit its class uint8"),  # 300 became 44
+    (9, 3, np.array([-1, 3], "<i2"), "stored values -1..3 do not fit its class uint8"),
+    (8, 9, np.array([1.0, 1.5]), "non-integer values stored for an integer class"),
+    (8, 9, np.array([1.0, np.nan]), "non-integer values stored for an integer class"),
+    (7, 9, np.array([1e300, 1.0]), "do not fit its class float32"),  # became inf
+])
+def test_mat_values_that_do_not_fit_the_class_are_refused(tmp_path, cls, stored, values, message):
+    path = tmp_path / "v.mat"
+    path.write_bytes(mat_bytes([("v", cls, (1, len(values)), stored, values.tobytes())]))
+    with pytest.raises(DataError, match=message) as err:
+        D.read_mat(path, ["v"])
+    assert str(path) in str(err.value) and "'v'" in str(err.value) and "\n" not in str(err.value)
+    # stored in a smaller type, as MATLAB does, and in range: fine
+    path.write_bytes(mat_bytes([("v", 9, (1, 2), 3, np.array([1, 255], "<i2").tobytes()),
+                                ("w", 7, (1, 2), 9, np.array([np.inf, 2.5]).tobytes())]))
+    got = D.read_mat(path, ["v", "w"])
+    assert got["v"].dtype == np.uint8 and got["v"].tolist() == [[1, 255]]
+    assert got["w"].dtype == np.float32 and got["w"].tolist() == [[np.inf, 2.5]]
 
 
 # --------------------------------------------------------------------------- batching and augmentation
@@ -541,6 +727,16 @@ def test_split_validation_is_deterministic_and_disjoint():
     assert len(split_validation(ds, 0.0, seed=1)[1]) == 0
     with pytest.raises(OnebitError):
         split_validation(ds, 1.0, seed=0)
+
+
+def test_split_validation_refuses_an_empty_training_set():
+    """round(0.96 · 10) = 10: every sample went to validation, and training ran on nothing."""
+    assert [len(part) for part in split_validation(_toy(10), 0.9)] == [1, 9]
+    with pytest.raises(OnebitError, match="0.96 of 10 samples of toy leaves no training samples") as err:
+        split_validation(_toy(10), 0.96)
+    assert "\n" not in str(err.value)
+    with pytest.raises(OnebitError, match="no samples to train on"):
+        split_validation(_toy(4).subset([]), 0.0)
 
 
 # --------------------------------------------------------------------------- the real Fashion-MNIST

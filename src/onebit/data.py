@@ -18,6 +18,9 @@ Where files are looked for (first directory holding every file a split needs win
 3. ``/usr/share/datasets/<hyphenated-name>`` (Debian's ``dataset-*`` packages);
 4. the download cache ``$ONEBIT_CACHE/<name>`` (default ``$XDG_CACHE_HOME/onebit`` or ``~/.cache/onebit``).
 
+MNIST and Fashion-MNIST use the same file names, so a folder whose labels are the official ones of
+the *other* dataset is skipped (and named in the error when no other copy is found).
+
 When nothing is found and ``download=True`` (and ``$ONEBIT_OFFLINE`` is unset) the upstream files are fetched into the cache:
 written through :func:`onebit.files.atomic_write` and checked against the published checksums
 *before* the rename, so a failed or tampered download leaves nothing behind. Files found locally
@@ -53,7 +56,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError, OnebitError
+from .errors import DataError, FileWriteError, OnebitError
 from .files import atomic_write
 from .registry import Registry
 
@@ -157,6 +160,9 @@ def split_validation(ds: ArrayDataset, fraction: float, seed: int = 0) -> tuple[
         raise OnebitError(f"validation fraction must be in [0, 1), got {fraction}")
     n = len(ds)
     n_val = int(round(float(fraction) * n))
+    if n_val >= n:  # training on nothing would "succeed" with a meaningless model
+        raise OnebitError(f"dataset {ds.name} has no samples to train on" if n == 0 else
+                          f"validation fraction {fraction} of {n} samples of {ds.name} leaves no training samples")
     perm = np.random.default_rng(_seed_int(seed)).permutation(n)
     return ds.subset(np.sort(perm[n_val:])), ds.subset(np.sort(perm[:n_val]))
 
@@ -428,7 +434,7 @@ def _download(remote: Remote, dest: Path) -> None:
                         f"checksum mismatch for {remote.filename} downloaded from {remote.url}: "
                         f"got md5 {md5.hexdigest()}, expected {expected}; the file was not kept"
                     )
-    except DataError:
+    except (DataError, FileWriteError):  # FileWriteError is an OSError, but the disk's fault, not the network's
         raise
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, EOFError) as exc:  # timeouts, resets
         reason = getattr(exc, "reason", None) or exc
@@ -437,6 +443,10 @@ def _download(remote: Remote, dest: Path) -> None:
 
 class _NetworkError(DataError):
     pass
+
+
+class _OtherDataset(DataError):
+    """A probed folder holds files known to be another dataset's (same names, other content)."""
 
 
 def _locate(
@@ -452,9 +462,15 @@ def _locate(
     ``wanted`` names the expected files for the error message.
     """
     dirs = search_dirs(name, data_dir)
+    misplaced: _OtherDataset | None = None
     for directory in dirs:
         if directory.is_dir():
-            found = probe(directory)
+            try:
+                found = probe(directory)
+            except _OtherDataset as exc:  # e.g. Fashion-MNIST under MNIST's file names: look further
+                log.warning("skipping %s", exc)
+                misplaced = misplaced or exc
+                continue
             if found is not None:
                 return found
     remotes = [r for r in REMOTES.get(name, []) if split in r.splits]
@@ -466,7 +482,7 @@ def _locate(
                     _download(remote, target / remote.filename)
         except _NetworkError as exc:
             tail = f"download failed ({exc})"
-        except DataError:
+        except (DataError, FileWriteError):
             with contextlib.suppress(OSError):
                 target.rmdir()  # only if empty: nothing half-downloaded is left
             raise
@@ -480,8 +496,9 @@ def _locate(
     else:
         tail = "downloading is off" if remotes else "it cannot be downloaded"
     where = ", ".join(str(d) for d in dirs)
+    what = f"{misplaced}; no other copy of {name} {split} data" if misplaced else f"{name} {split} data not found"
     raise DataError(
-        f"{name} {split} data not found: put {wanted} in one of: {where} "
+        f"{what}: put {wanted} in one of: {where} "
         f"(or pass data_dir / --data-dir, or set ONEBIT_DATA); {tail}"
     )
 
@@ -559,6 +576,42 @@ def _find_raw_or_gz(directory: Path, stem: str) -> Path | None:
     return None
 
 
+#: The first labels of the official label files. MNIST and Fashion-MNIST use the same file
+#: names, and every bare search root is searched for both, so a folder of one must not pass for
+#: the other; files found locally are not checksummed (any copy, gzipped or not, is fine), so the
+#: labels tell them apart (ten of them: 10⁻¹⁰ odds that other labels start the same way).
+_IDX_LABEL_HEADS: dict[str, dict[str, bytes]] = {
+    "mnist": {"train": bytes([5, 0, 4, 1, 9, 2, 1, 3, 1, 4]), "test": bytes([7, 2, 1, 0, 4, 1, 4, 9, 5, 9])},
+    "fashion_mnist": {"train": bytes([9, 0, 0, 3, 0, 2, 7, 2, 5, 5]), "test": bytes([9, 2, 1, 1, 6, 1, 4, 6, 5, 7])},
+}
+_IDX_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+
+def _label_head(path: Path, n: int) -> bytes | None:
+    """The first ``n`` labels of an idx labels file, or None where that cannot be told cheaply
+    (unreadable, corrupted, too short: :func:`read_idx` reports those when the file is loaded)."""
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as stream:
+            head = stream.read(8 + n)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return head[8:] if len(head) == 8 + n and head[:4] == bytes([0, 0, _IDX_UBYTE, 1]) else None
+
+
+def _check_not_other_idx_dataset(name: str, label_path: Path) -> None:
+    """Raise :class:`_OtherDataset` if ``label_path`` is an official label file of the *other*
+    idx dataset; any other labels (tests' small fixtures, a relabelled copy) pass."""
+    head = _label_head(label_path, 10)
+    if head is None:
+        return
+    for other, heads in _IDX_LABEL_HEADS.items():
+        if other != name and head in heads.values():
+            raise _OtherDataset(f"{label_path}: these are {_IDX_TITLES[other]} labels, not {_IDX_TITLES[name]} "
+                                f"(both use the same file names: keep each in its own folder, e.g. "
+                                f"{name.replace('_', '-')}/ and {other.replace('_', '-')}/)")
+
+
 def _load_idx_dataset(name: str, split: str, data_dir, download: bool) -> ArrayDataset:
     _check_split(name, split)
     info = DATASETS.get(name).info
@@ -566,7 +619,10 @@ def _load_idx_dataset(name: str, split: str, data_dir, download: bool) -> ArrayD
 
     def probe(directory: Path):
         images, labels = _find_raw_or_gz(directory, image_stem), _find_raw_or_gz(directory, label_stem)
-        return (images, labels) if images and labels else None
+        if not (images and labels):
+            return None
+        _check_not_other_idx_dataset(name, labels)
+        return images, labels
 
     wanted = f"{image_stem}(.gz) and {label_stem}(.gz)"
     image_path, label_path = _locate(name, split, data_dir, download, probe, wanted)
@@ -592,10 +648,29 @@ class _RefusedPickle(pickle.UnpicklingError):
     pass
 
 
-class _NdarrayTag:
+class _Inert:
+    """Base of what :meth:`_ArrayOnlyUnpickler.find_class` hands out: module-level singletons a
+    pickle cannot change. They have no attributes to set (``__slots__ = ()``) and refuse BUILD,
+    whereas a class or function handed out would take BUILD's ``setattr`` calls (a pickle could
+    replace ``__init__`` or ``__defaults__``, for this load and every later one)."""
+
+    __slots__ = ()
+    name = "?"
+
+    def __setstate__(self, state: Any) -> None:
+        raise _RefusedPickle(f"refusing to set the state of {self.name}")
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class _NdarrayTag(_Inert):
     """What the pickle's ``numpy.ndarray`` resolves to: only an argument of ``_reconstruct``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    __slots__ = ()
+    name = "numpy.ndarray"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise _RefusedPickle("refusing to call numpy.ndarray")
 
 
@@ -657,25 +732,45 @@ class _ArrayStub:
         return np.array(array, dtype=dt.newbyteorder("="), order="C")  # own, writable, native order
 
 
-def _reconstruct_stub(cls: Any, shape: Any = (0,), dtype: Any = b"b") -> _ArrayStub:
-    if cls is not _NdarrayTag:
-        raise _RefusedPickle("_reconstruct of something other than numpy.ndarray")
-    return _ArrayStub()
+class _ReconstructStub(_Inert):
+    """Stands in for ``numpy.core.multiarray._reconstruct``: a fresh :class:`_ArrayStub` per array."""
+
+    __slots__ = ()
+    name = "numpy.core.multiarray._reconstruct"
+
+    def __call__(self, cls: Any, shape: Any = (0,), dtype: Any = b"b") -> _ArrayStub:
+        if cls is not _NDARRAY:
+            raise _RefusedPickle("_reconstruct of something other than numpy.ndarray")
+        return _ArrayStub()
+
+
+class _DtypeFactory(_Inert):
+    """Stands in for the ``numpy.dtype`` class: calling it makes a fresh :class:`_DtypeStub`."""
+
+    __slots__ = ()
+    name = "numpy.dtype"
+
+    def __call__(self, spec: Any = None, align: Any = False, copy: Any = False) -> _DtypeStub:
+        return _DtypeStub(spec, align, copy)
+
+
+_NDARRAY, _RECONSTRUCT, _DTYPE = _NdarrayTag(), _ReconstructStub(), _DtypeFactory()
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Resolves no global except numpy's ndarray reconstruction, so no code in a pickle can run.
 
-    Even those three names resolve to inert stand-ins (:class:`_ArrayStub`, :class:`_DtypeStub`):
-    numpy's own ``_reconstruct``/``__setstate__`` never see the untrusted state, so a declared
-    shape cannot allocate memory and a forged dtype state cannot corrupt numpy.
+    Even those three names resolve to inert stand-ins (:class:`_ArrayStub`, :class:`_DtypeStub`,
+    made by the immutable :class:`_Inert` singletons): numpy's own ``_reconstruct``/``__setstate__``
+    never see the untrusted state, so a declared shape cannot allocate memory, a forged dtype
+    state cannot corrupt numpy, and no pickle can change what the next load resolves to.
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_stub,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_stub,
-        ("numpy", "ndarray"): _NdarrayTag,
-        ("numpy", "dtype"): _DtypeStub,
+        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _DTYPE,
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -688,17 +783,32 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refusing a persistent id")
 
 
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
 def _prescan_pickle(blob: bytes) -> None:
-    """Walk the opcodes without running them: every declared length must fit in the bytes left.
+    """Walk the opcodes without running them: every declared length must fit in the bytes left,
+    and no memo index may run ahead of the entries stored so far.
 
     CPython's unpickler allocates a ``BINBYTES8``/``BINUNICODE8``/... argument from its
     declared size before reading it (a 20-byte pickle can ask for terabytes); pickletools reads
-    what is there and checks the length afterwards.
+    what is there and checks the length afterwards. Its memo is an array that grows to twice
+    the largest index stored (a 9-byte ``LONG_BINPUT`` of 2³²−1 asks for 64 GiB); picklers
+    number their entries in order (from 1 in Python 2's cPickle, which wrote CIFAR's files,
+    from 0 elsewhere), so an index past the count of stores so far + 1 is refused, which
+    keeps the memo proportional to the pickle's size.
     """
     import pickletools
 
-    for _ in pickletools.genops(io.BytesIO(blob)):
-        pass
+    stores = 0
+    for opcode, arg, pos in pickletools.genops(io.BytesIO(blob)):
+        if opcode.name in _MEMO_PUTS:
+            if not isinstance(arg, int) or not 0 <= arg <= stores + 1:
+                raise _RefusedPickle(f"memo index {str(arg)[:20]} out of order at byte {pos} "
+                                     f"(expected at most {stores + 1})")
+            stores += 1
+        elif opcode.name == "MEMOIZE":  # stores at the memo's current length: always in order
+            stores += 1
 
 
 def _safe_unpickle(blob: bytes, source: str) -> dict:
@@ -757,7 +867,10 @@ def _read_members(source: Path, folder: str, members: list[str]) -> dict[str, by
             path = source / member
             if not path.is_file():
                 raise DataError(f"{source}: missing {member}")
-            out[member] = path.read_bytes()
+            try:
+                out[member] = path.read_bytes()
+            except OSError as exc:  # no permission, an I/O error of the disk
+                raise DataError(f"{path}: cannot read: {_one_line(exc.strerror or exc, 120)}") from None
         return out
     out: dict[str, bytes] = {}
     wanted = {f"{folder}/{m}": m for m in members}
@@ -913,8 +1026,28 @@ def _mat_matrix(buf: bytes, tag: _MatTag, order: str, where: str, wanted: set[st
         raise DataError(f"{where}: variable {name!r} of shape {list(shape)} needs {count * stored.itemsize} bytes "
                         f"of {code}, holds {real.size}")
     values = np.frombuffer(buf, dtype=stored, count=count, offset=real.start)
-    array = values.astype(np.dtype(cls), copy=True).reshape(shape, order="F")  # MATLAB is column-major
-    return name, array
+    array = _mat_cast(values, np.dtype(cls), f"{where}: variable {name!r}")
+    return name, array.reshape(shape, order="F")  # MATLAB is column-major
+
+
+def _mat_cast(values: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
+    """``values`` (the stored type) as the array's class, refusing values the class cannot hold:
+    MATLAB stores data in the smallest type that fits, so a stored value that does not fit was
+    corrupted, and ``astype`` would silently wrap it (300 → 44) or make it inf."""
+    if values.size and values.dtype != target:
+        to_integer = target.kind in "iu"
+        if to_integer and values.dtype.kind == "f" and not np.all(np.isfinite(values) & (values == np.round(values))):
+            raise DataError(f"{where}: non-integer values stored for an integer class ({target})")
+        info = np.iinfo(target) if to_integer else np.finfo(target)
+        limits = (info.min, info.max) if to_integer else (float(info.min), float(info.max))
+        low, high = values.min().item(), values.max().item()
+        if values.dtype.kind == "f" and target.kind == "f":  # infinities and NaNs are valid floats
+            finite = values[np.isfinite(values)]
+            low, high = (finite.min().item(), finite.max().item()) if finite.size else (0.0, 0.0)
+        if low < limits[0] or high > limits[1]:
+            raise DataError(f"{where}: stored values {low:.6g}..{high:.6g} do not fit its class {target} "
+                            f"({limits[0]:.6g}..{limits[1]:.6g}); corrupted file")
+    return values.astype(target, copy=True)
 
 
 def read_mat(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -980,7 +1113,7 @@ def _load_svhn(split: str, data_dir, download: bool) -> ArrayDataset:
     if not isinstance(y, np.ndarray) or y.size != x.shape[3] or not np.issubdtype(y.dtype, np.number):
         raise DataError(f"{path}: 'y' must hold {x.shape[3]} numeric labels")
     labels = y.reshape(-1, order="F")
-    if labels.size and (not np.all(labels == np.round(labels)) or labels.min() < 0 or labels.max() > 10):
+    if labels.size and (not np.all(labels == np.round(labels)) or labels.min() < 1 or labels.max() > 10):
         raise DataError(f"{path}: labels must be integers in 1..10 (10 stands for digit 0)")
     labels = labels.astype(np.int64) % 10  # SVHN writes digit 0 as label 10
     images = np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # H×W×C×N → N×C×H×W
