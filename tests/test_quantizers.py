@@ -89,6 +89,19 @@ def test_swish_sign_default_beta_is_five():
     assert get_quantizer("swish_sign").beta == 5.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_swish_sign_gradient_is_zero_not_nan_where_beta_x_overflows(dtype):
+    """cosh(βx) and βx overflow float16 (and βx every dtype near its max): the derivative there is 0, not inf/inf."""
+    big = torch.finfo(dtype).max / 2
+    y, grad = forward_and_grad(swish_sign, [20000.0, -20000.0, 100.0, big, -big, 0.1], dtype)
+    assert grad.dtype == y.dtype == dtype
+    assert torch.isfinite(grad).all()
+    assert torch.equal(grad[:5], torch.zeros(5, dtype=dtype))
+    # where nothing overflows, the gradient is the float64 one at the same x, to the dtype's precision
+    _, ref = forward_and_grad(swish_sign, [t([0.1], dtype).item()], torch.float64)
+    torch.testing.assert_close(grad[5:], ref.to(dtype))
+
+
 # --------------------------------------------------------------------------- stochastic sign
 def test_stochastic_sign_eval_is_deterministic_sign():
     q = StochasticSign().eval()

@@ -51,6 +51,10 @@ What is swapped, and what is exact:
     per channel on each side of the ReLU threshold, x̃ = x̂ and â = a with ``"mean"`` and
     ``"rounded"``: then every gradient is exactly autograd's (a test checks this).
 
+  Under autocast the conv, and so the backward's full-size work, runs in bfloat16 (or float16)
+  while the per-channel counts, sums and statistics stay float32; every gradient comes back in
+  the dtype of its tensor.
+
   Eval mode, ``torch.no_grad()`` and units that do not qualify (a BN that is not training or not
   ``BatchNorm2d``, a conv with an input quantizer, a nonzero ``pad_value``, a string or
   non-zero padding mode, a stochastic weight quantizer) run the ordinary modules. The fused
@@ -304,8 +308,12 @@ class _BNReLUConv(torch.autograd.Function):
         view = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
         mask = y > 0
         a = y.clamp_min_(0)
+        # counts, sums and random draws in float32 at least, also when autocast hands in bfloat16/float16:
+        # a bfloat16 count is exact only up to 256 and a float16 sum overflows past 65504, and an 8-bit
+        # uniform draw would bias the stochastic rounding by up to 2⁻⁹
+        stat = torch.promote_types(x.dtype, torch.float32)
         random = lambda: torch.rand(  # noqa: E731
-            a.shape, generator=spec.generator, dtype=a.dtype,
+            a.shape, generator=spec.generator, dtype=stat,
             device=spec.generator.device if spec.generator is not None else a.device).to(a.device)
         hi = lo = extra = None
         if spec.code == "rounded":
@@ -313,34 +321,35 @@ class _BNReLUConv(torch.autograd.Function):
             level = _side_grids(xhat, bn_weight, bn_bias, dims)
             low, step = _grid_at(level, mask.to(x.dtype))
             # stochastic rounding to the grid: E[q] = (x̂ − low) / step, so E[x̃] = x̂
-            q = xhat.sub_(low).div_(step.clamp_min_(torch.finfo(x.dtype).tiny)).clamp_(0, _LEVELS - 1)
+            q = xhat.sub_(low).div_(step.clamp_min_(torch.finfo(step.dtype).tiny)).clamp_(0, _LEVELS - 1)
             del low, step
             q = q.add_(random()).floor_().clamp_(max=_LEVELS - 1).to(torch.uint8)
             extra = torch.cat([pack_bits(q & 1), pack_bits(q >> 1)])
             del xhat, q
         else:
             m_count = x.numel() // x.shape[1]
-            count = mask.sum(dims).to(x.dtype)
-            sum_a = a.sum(dims)  # = Σ y over the mask
+            count = mask.sum(dims, dtype=stat)
+            sum_a = a.sum(dims, dtype=stat)  # = Σ y over the mask
             # conditional means of x̂ = (x − μ)·σ⁻¹ on each side of the threshold (0 for an empty side)
             if bn_weight is None or bool((bn_weight != 0).all()):
                 # Σ_{m=1} x̂ = (Σ_{m=1} y − count·β) / γ, and Σ x̂ = 0, so Σ_{m=0} x̂ = −Σ_{m=1} x̂
                 sum_hi = sum_a if bn_bias is None else sum_a - count * bn_bias
                 sum_hi = sum_hi if bn_weight is None else sum_hi / bn_weight
             else:  # a zero γ: take the sums from x itself
-                sum_hi = ((x * mask).sum(dims) - count * mean) * invstd
+                sum_hi = ((x * mask).sum(dims, dtype=stat) - count * mean) * invstd
             hi = torch.where(count > 0, sum_hi / count.clamp_min(1), 0)
             lo = torch.where(count < m_count, -sum_hi / (m_count - count).clamp_min(1), 0)
             if spec.code == "stochastic":
-                level = a.amax(dims)
-                extra = pack_bits(random() < a / view(level.clamp_min(torch.finfo(a.dtype).tiny)))
+                level = a.amax(dims).to(stat)
+                extra = pack_bits(random() < a / view(level.clamp_min(torch.finfo(stat).tiny)))
             else:
                 level = torch.where(count > 0, sum_a / count.clamp_min(1), 0)  # q_c = mean(a | m = 1)
         w = spec.quantizer(weight) if spec.quantizer is not None else weight
         out = F.conv2d(a, w, conv_bias, spec.stride, spec.padding, spec.dilation, spec.groups)
         ctx.shape = x.shape
         ctx.spec = spec
-        ctx.has_conv_bias = conv_bias is not None
+        ctx.x_dtype = x.dtype
+        ctx.conv_bias_dtype = conv_bias.dtype if conv_bias is not None else None
         ctx.save_for_backward(pack_bits(mask), extra, invstd, hi, lo, level, weight, bn_weight, bn_bias)
         return out
 
@@ -351,19 +360,25 @@ class _BNReLUConv(torch.autograd.Function):
         need_x, need_w, need_g, need_b, need_cb = ctx.needs_input_grad[:5]
         shape = ctx.shape
         view = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
-        on = unpack_bits(packed, shape, grad.dtype)  # the mask as 0/1: multiplies are cheaper than where
+        # Full-size work in the dtype the conv ran in, grad's: under autocast that is bfloat16 while the
+        # weights, the BN parameters and the per-channel statistics are float32, and convolution_backward
+        # takes one dtype. Per-channel sums accumulate in float32 at least; each gradient is returned
+        # in the dtype of the tensor it belongs to.
+        dtype = grad.dtype
+        stat = torch.promote_types(dtype, torch.float32)
+        on = unpack_bits(packed, shape, dtype)  # the mask as 0/1: multiplies are cheaper than where
         if spec.code == "rounded":
             half = extra.numel() // 2
-            low, step = _grid_at(level, on)
-            x_tilde = unpack_bits(extra[half:], shape, grad.dtype).mul_(2).add_(unpack_bits(extra[:half], shape, grad.dtype))
+            low, step = _grid_at(level.to(dtype), on)
+            x_tilde = unpack_bits(extra[half:], shape, dtype).mul_(2).add_(unpack_bits(extra[:half], shape, dtype))
             x_tilde = x_tilde.mul_(step).add_(low)
             del low, step
-            a_hat = x_tilde * on if gamma is None else x_tilde * view(gamma)
+            a_hat = x_tilde * on if gamma is None else x_tilde * view(gamma.to(dtype))
             if gamma is not None or beta is not None:
                 a_hat = (a_hat if beta is None else a_hat.add_(view(beta))).mul_(on)
         else:
             x_tilde = None
-            a_hat = (unpack_bits(extra, shape, grad.dtype) if extra is not None else on.clone()).mul_(view(level))
+            a_hat = (unpack_bits(extra, shape, dtype) if extra is not None else on.clone()).mul_(view(level))
 
         w_leaf = None
         if spec.quantizer is not None:
@@ -373,23 +388,26 @@ class _BNReLUConv(torch.autograd.Function):
         else:
             w = weight
         need_a = need_x or need_g or need_b
+        has_bias = ctx.conv_bias_dtype is not None
         grad_a, grad_w, grad_cb = torch.ops.aten.convolution_backward(
-            grad, a_hat, w.detach(), [w.shape[0]] if ctx.has_conv_bias else None,
+            grad, a_hat, w.detach().to(dtype), [w.shape[0]] if has_bias else None,
             spec.stride, spec.padding, spec.dilation, False, [0, 0], spec.groups, [need_a, need_w, need_cb],
         )
         del a_hat
-        if need_w and w_leaf is not None:
-            (grad_w,) = torch.autograd.grad(w, w_leaf, grad_w)
+        if need_w:
+            grad_w = grad_w.to(w.dtype)
+            if w_leaf is not None:  # w_leaf is the weight detached, so this grad is in the weight's dtype
+                (grad_w,) = torch.autograd.grad(w, w_leaf, grad_w)
 
         grad_x = grad_gamma = grad_beta = None
         if need_a:
             m_count = grad_a.numel() // grad_a.shape[1]
             dy = grad_a.mul_(on)  # ReLU: exact
-            dbeta = dy.sum((0, 2, 3))
+            dbeta = dy.sum((0, 2, 3), dtype=stat)
             scale = invstd if gamma is None else gamma * invstd
             # ∂x = γσ⁻¹(∂y − ∂β/M − x̃·∂γ/M)
             if x_tilde is not None:  # x̃ per element
-                dgamma = (dy * x_tilde).sum((0, 2, 3))
+                dgamma = (dy * x_tilde).sum((0, 2, 3), dtype=stat)
                 if need_x:
                     grad_x = x_tilde.mul_(view(-dgamma / m_count)).add_(dy).sub_(view(dbeta / m_count))
             else:  # x̃ = h_c or l_c by the bit, written without full-size temporaries
@@ -399,10 +417,11 @@ class _BNReLUConv(torch.autograd.Function):
                     grad_x = dy.add_(view(shift_off)).addcmul_(on, view(shift_on - shift_off))
             del dy, grad_a, x_tilde
             if need_x:
-                grad_x.mul_(view(scale))
-            grad_gamma = dgamma if need_g else None
-            grad_beta = dbeta if need_b else None
-        return grad_x, grad_w if need_w else None, grad_gamma, grad_beta, grad_cb if need_cb else None, None
+                grad_x = grad_x.mul_(view(scale)).to(ctx.x_dtype)
+            grad_gamma = dgamma.to(gamma.dtype) if need_g else None
+            grad_beta = dbeta.to(beta.dtype) if need_b else None
+        grad_cb = grad_cb.to(ctx.conv_bias_dtype) if need_cb else None
+        return grad_x, grad_w if need_w else None, grad_gamma, grad_beta, grad_cb, None
 
 
 def _unfusable(bn: nn.Module, conv: nn.Module) -> str | None:

@@ -188,8 +188,12 @@ def swish_sign(x: Tensor, beta: float = 5.0) -> Tensor:
     """±1 with sign(0) = +1; gradient of SignSwish 2σ(βx)(1 + βx(1 − σ(βx))) − 1 (Darabi et al. 2018)."""
 
     def derivative(x: Tensor) -> Tensor:
-        bx = beta * x
-        return beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))
+        # In float32 at least: in float16 βx overflows from |x| = 65504/β on, and the quotient is then
+        # inf/inf = NaN where the derivative is 0. Clamping βx to ±1000, past where cosh overflows even in
+        # float64 (so the quotient is already ∓0 there), does the same for |x| near the float32 or bfloat16
+        # max and leaves every other value of the formula unchanged.
+        bx = (x.to(torch.promote_types(x.dtype, torch.float32)) * beta).clamp_(-1000, 1000)
+        return (beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))).to(x.dtype)
 
     return _Surrogate.apply(x, _sign, derivative)
 
