@@ -301,6 +301,116 @@ def test_xnor_and_binaryconnect_models_follow_pytorch(tmp_path):
         assert close.mean() >= 0.9, name
 
 
+@pytest.mark.parametrize("pad_value", [1.0, -1.0])
+def test_xnor_conv_padded_with_ones_is_refused(pad_value, tmp_path):
+    """PyTorch pads XNOR's β·sign(x) with a raw ±1; the engine would scale the padding by β too."""
+    torch.manual_seed(0)
+    model = create_model("xnor_cnn", in_shape=(1, 16, 16), width=0.1, fc_units=16, pad_value=pad_value).eval()
+    with pytest.raises(ExportError, match=r"conv2\.conv: an XNOR convolution \(scaled input\) padded with"):
+        export_model(model, tmp_path / "x.onebit")
+    assert not (tmp_path / "x.onebit").exists()
+
+
+def test_xnor_conv_padded_with_zeros_is_exact(tmp_path):
+    """With pad_value = 0 every XNOR convolution's output, borders included, is β·α·(the engine's integer sum)."""
+    torch.manual_seed(0)
+    model = create_model("xnor_cnn", in_shape=(1, 16, 16), width=0.1, fc_units=16, pad_value=0.0)
+    model = randomize_bn(model, (1, 16, 16), seed=3, ties=False)
+    export_model(model, tmp_path / "x.onebit")
+    x = grid_input(8, (1, 16, 16), seed=5)
+    _, pre = torch_preactivations(model, x)
+    trace = load(tmp_path / "x.onebit").trace(x.numpy())
+    modules = dict(model.named_modules())
+    checked = []
+    for k, entry in enumerate(trace):
+        if entry.op != "conv" or not [t for t in trace[:k] if t.op == "binarize"]:
+            continue
+        binarize = max(j for j in range(k) if trace[j].op == "binarize")
+        source = trace[binarize - 1].value
+        beta = np.abs(source.reshape(len(source), -1)).mean(1, dtype=np.float64)
+        weight = modules[entry.name].weight.detach().double()
+        alpha = weight.abs().mean((1, 2, 3)).numpy()
+        expected = entry.value * beta[:, None, None, None] * alpha[None, :, None, None]
+        scale = np.abs(pre[entry.name]).max()
+        np.testing.assert_allclose(expected, pre[entry.name], rtol=1e-5, atol=1e-5 * scale, err_msg=entry.name)
+        checked.append(entry.name)
+    assert len(checked) >= 2  # every padded binary convolution of the model
+
+
+def overflow_model(alpha: float) -> nn.Sequential:
+    """The reviewer's case: a real-input layer with α = ``alpha`` (scaled_sign, no weight clip),
+    BN with γ = 0 on channels 0 and 1, then a sign. For |v| near FLT_MAX, v·α = inf and
+    inf·0 = NaN: PyTorch's sign there is −1, though +1 (β = 0.5) for every finite z."""
+    model = nn.Sequential(OrderedDict(
+        fc1=QuantLinear(8, 4, bias=False, weight_quantizer="scaled_sign"),
+        bn1=nn.BatchNorm1d(4),
+        fc2=QuantLinear(4, 3, bias=False, input_quantizer="sign", weight_quantizer="sign"),
+    ))
+    with torch.no_grad():
+        model.fc1.weight.fill_(alpha)
+        model.bn1.weight.copy_(torch.tensor([0.0, 0.0, 1.0, -1.0]))
+        model.bn1.bias.copy_(torch.tensor([0.5, -0.5, 0.1, 0.1]))
+    model.in_shape = (8,)
+    return model.eval()
+
+
+def test_thresholds_ignore_where_torch_overflows_to_nan(tmp_path):
+    model = overflow_model(2.0)
+    meta = export_model(model, tmp_path / "nan.onebit")
+    engine = load(tmp_path / "nan.onebit")
+    index = [layer["op"] for layer in meta["layers"]].index("threshold")
+    x = torch.cat([torch.rand(64, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                   torch.full((1, 8), 1e30), torch.full((1, 8), -1e30), torch.zeros(1, 8)])
+    with torch.no_grad():
+        truth = (model.bn1(model.fc1(x)) >= 0).numpy()
+    assert truth[:, 0].all() and not truth[:, 1].any()  # γ = 0: constant by the sign of β
+    bits = engine.trace(x.numpy())[index].value > 0
+    np.testing.assert_array_equal(bits, truth)
+    _, tensors = fmt.read_model(tmp_path / "nan.onebit")
+    np.testing.assert_array_equal(tensors[meta["layers"][index]["tensors"]["direction"]], [0, 0, 1, -1])
+
+
+def test_nan_at_reachable_preactivations_is_an_export_error(tmp_path):
+    """On binary inputs every |v| <= fan-in is reachable: BN γ = 1e38 overflows to ±inf for |v| >= 4,
+    a second BN's γ = 0 then makes PyTorch's sign −1 there and +1 near 0: no threshold reproduces it."""
+    sign = dict(input_quantizer="sign", weight_quantizer="sign")
+    model = nn.Sequential(OrderedDict(
+        fc1=QuantLinear(8, 2, bias=False, **sign), bn1=nn.BatchNorm1d(2), bn2=nn.BatchNorm1d(2),
+        fc2=QuantLinear(2, 3, bias=False, **sign),
+    ))
+    with torch.no_grad():
+        model.bn1.weight.fill_(1e38)
+        model.bn2.weight.copy_(torch.tensor([1.0, 0.0]))
+        model.bn2.bias.fill_(0.5)
+    with pytest.raises(ExportError, match=r"^bn1,bn2: features \[1\] are NaN at reachable pre-activations"):
+        export_model(model.eval(), tmp_path / "nan.onebit", input_shape=(8,))
+    assert not (tmp_path / "nan.onebit").exists()
+
+
+def test_non_finite_weights_are_an_export_error(tmp_path):
+    model = overflow_model(2.0)
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(ExportError, match=r"^fc1: the weights, their scale α or the bias hold non-finite values"):
+        export_model(model, tmp_path / "inf.onebit")
+    assert not (tmp_path / "inf.onebit").exists()
+
+
+@pytest.mark.parametrize("position", ["hidden", "last"])
+def test_negative_running_var_names_the_batchnorm(position, tmp_path):
+    """sqrt(running_var + eps) of a negative is NaN: the exporter says which BN, not the file check."""
+    model = overflow_model(0.5)
+    bn = model.bn1 if position == "hidden" else nn.BatchNorm1d(3)
+    if position == "last":
+        model.add_module("bn2", bn)
+    with torch.no_grad():
+        bn.running_var[1] = -1.0
+    name = "bn1" if position == "hidden" else "bn2"
+    with pytest.raises(ExportError, match=rf"^{name}: BatchNorm running_var \+ eps must be positive \(channel 1"):
+        export_model(model.eval(), tmp_path / "var.onebit")
+    assert not (tmp_path / "var.onebit").exists()
+
+
 def test_unsupported_layers_raise_export_errors(tmp_path):
     bad = [
         nn.Sequential(nn.Flatten(), nn.Linear(4, 2)),

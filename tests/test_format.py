@@ -217,6 +217,84 @@ def test_huge_header_length_does_not_allocate(tmp_path: Path):
         assert peak < 1 << 20
 
 
+def raw_header(path: Path, text: str, payload: bytes = b"") -> Path:
+    """A file whose header is exactly ``text`` (padded), no checksums."""
+    blob = fmt._padded(text.encode())
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + payload)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1e400}',
+        '{"__metadata__":{"header_sha256":"x","onebit":"{}"},'
+        '"a":{"data_offsets":[0,0],"dtype":"U8","shape":[1e400]}}',
+        '{"a":-1E+999}',
+    ],
+)
+def test_out_of_range_numbers_in_the_header(tmp_path: Path, text):
+    """json reads 1e400 as inf, which the canonical check (allow_nan=False) would raise a ValueError on."""
+    with pytest.raises(FormatError, match=r"header holds the out-of-range number -?1[eE]"):
+        read_model(raw_header(tmp_path / "inf.onebit", text))
+    with pytest.raises(FormatError, match="header holds the non-JSON number Infinity"):
+        read_model(raw_header(tmp_path / "inf.onebit", '{"a":Infinity}'))
+
+
+def test_out_of_range_number_in_the_metadata(tmp_path: Path):
+    """The metadata string, under a consistent header checksum, is parsed as strictly."""
+    header = {"__metadata__": {"onebit": '{"format":"onebit","x":1e400}'}}
+    header["__metadata__"]["header_sha256"] = fmt._header_digest(header)
+    with pytest.raises(FormatError, match="metadata holds the out-of-range number 1e400"):
+        read_model(raw_header(tmp_path / "inf.onebit", fmt._canonical(header).decode()))
+
+
+def test_sparse_payload_is_refused_without_allocating(tmp_path: Path):
+    """A valid header declaring 1 TiB, the file extended to match without writing a byte (sparse)."""
+    size = 1 << 40
+    assert size > fmt.MAX_PAYLOAD_BYTES
+    entries = {"t": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}
+    path = craft(tmp_path / "sparse.onebit", entries, good_meta(), b"")
+    try:
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size + size)
+    except OSError as exc:  # pragma: no cover - a file system without files this large
+        pytest.skip(f"cannot make a sparse file of {size} bytes: {exc}")
+    try:
+        tracemalloc.start()
+        try:
+            with pytest.raises(FormatError, match=rf"payload of {size} bytes exceeds the limit of {fmt.MAX_PAYLOAD_BYTES}"):
+                read_model(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20
+    finally:
+        path.unlink()
+
+
+def test_payload_limit_binds_writer_and_reader(model_file: Path, tmp_path: Path, monkeypatch):
+    """The writer never writes a file the reader refuses; and a payload that fits the limit but not in
+    memory is a FormatError, not a MemoryError."""
+    payload = model_file.stat().st_size - 8 - struct.unpack("<Q", model_file.read_bytes()[:8])[0]
+    monkeypatch.setattr(fmt, "MAX_PAYLOAD_BYTES", payload - 1)
+    with pytest.raises(FormatError, match=f"payload of {payload} bytes exceeds the limit of {payload - 1}"):
+        read_model(model_file)
+    with pytest.raises(FormatError, match=f"tensors of {payload} bytes exceed the payload limit of {payload - 1}"):
+        write_model(tmp_path / "big.onebit", *tiny())
+    assert not (tmp_path / "big.onebit").exists()
+    monkeypatch.setattr(fmt, "MAX_PAYLOAD_BYTES", payload)
+    write_model(tmp_path / "fits.onebit", *tiny())
+    read_model(tmp_path / "fits.onebit")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(fmt.np, "empty", no_memory)
+    with pytest.raises(FormatError, match=f"not enough memory for a payload of {payload} bytes"):
+        read_model(model_file)
+
+
 @pytest.mark.parametrize(
     "entry, message",
     [

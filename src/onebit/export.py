@@ -169,8 +169,33 @@ def _key_to_f32(keys: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
+def _defined_range(defined: Callable[[np.ndarray], np.ndarray], value: Callable[[np.ndarray], np.ndarray],
+                   lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the widest [lo', hi'] ⊆ [lo, hi] around 0 on which ``defined`` holds.
+
+    A monotone chain of finite parameters turns NaN only where an intermediate overflows to
+    ±inf and meets a 0 (inf·0, inf − inf): on the tails of the domain, so the defined values
+    form one interval, found by bisection from 0 towards each end."""
+    zero = np.zeros_like(lo)
+    if not np.all(defined(value(zero))):
+        bad = np.flatnonzero(~defined(value(zero)))
+        raise ExportError(f"features {bad[:8].tolist()} are NaN at pre-activation 0")
+    ends = []
+    for end in (lo, hi):
+        inside, outside = zero.copy(), end.copy()  # defined at `inside`; at `outside` maybe not
+        ok = defined(value(outside))
+        inside[ok] = outside[ok]
+        while np.any(np.abs(outside - inside) > 1):
+            m = inside + (outside - inside) // 2
+            good = defined(value(m))
+            inside, outside = np.where(good, m, inside), np.where(good, outside, m)
+        ends.append(inside)
+    return ends[0], ends[1]
+
+
 def derive_thresholds(
-    positive: Callable[[np.ndarray], np.ndarray], n: int, domain: str, bound: int = 0
+    positive: Callable[[np.ndarray], np.ndarray], n: int, domain: str, bound: int = 0,
+    defined: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per feature, the rule ``+1 iff s·x ≥ t`` that reproduces ``positive`` on the domain.
 
@@ -181,6 +206,12 @@ def derive_thresholds(
     smallest value giving +1; s = −1, t = −(the largest value giving +1); s = 0 when the output
     is constant, t = 0 for +1, t = 1 for −1. Found by bisection on the domain, so every
     decision is PyTorch's own float32 evaluation.
+
+    ``defined(values) -> bool[n]``, if given, tells where the computation behind ``positive``
+    is a number, not NaN (whose sign, −1, breaks monotonicity). On the int domain every value
+    must be defined (else :class:`ExportError`); on the float domain the search is confined
+    to the values around 0 where it is: the rest are pre-activations at which PyTorch's own
+    float32 arithmetic overflows (e.g. v·α = inf, then γ = 0 gives inf·0 = NaN).
     """
     if domain == "int":
         lo, hi = np.full(n, -bound, np.int64), np.full(n, bound, np.int64)
@@ -188,6 +219,12 @@ def derive_thresholds(
     else:
         lo, hi = np.full(n, _F32_MIN_KEY, np.int64), np.full(n, _F32_MAX_KEY, np.int64)
         value = _key_to_f32
+    if defined is not None:
+        inner_lo, inner_hi = _defined_range(defined, value, lo, hi)
+        if domain == "int" and (np.any(inner_lo != lo) or np.any(inner_hi != hi)):
+            bad = np.flatnonzero((inner_lo != lo) | (inner_hi != hi))
+            raise ExportError(f"features {bad[:8].tolist()} are NaN at reachable pre-activations (|v| <= {bound})")
+        lo, hi = inner_lo, inner_hi
     f_lo, f_hi = positive(value(lo)), positive(value(hi))
     a, b = lo.copy(), hi.copy()
     while np.any(b - a > 1):
@@ -259,6 +296,13 @@ class _Builder:
     # ---- chains
     def chain_positive(self, pending: _Pending) -> Callable[[np.ndarray], np.ndarray]:
         """values (one per torch feature/channel) → bool: does the next sign give +1?"""
+        return self.chain_eval(pending, nan=False)
+
+    def chain_defined(self, pending: _Pending) -> Callable[[np.ndarray], np.ndarray]:
+        """values (one per torch feature/channel) → bool: is the chain's output a number (not NaN)?"""
+        return self.chain_eval(pending, nan=True)
+
+    def chain_eval(self, pending: _Pending, nan: bool) -> Callable[[np.ndarray], np.ndarray]:
         spatial = len(pending.shape) == 3
         n = pending.shape[0]
 
@@ -276,6 +320,8 @@ class _Builder:
                     z = module(z)
                 except RuntimeError as exc:
                     raise ExportError(f"{where}: does not fit its input {tuple(pending.shape)}: {str(exc)[:120]}") from None
+            if nan:  # defined: no position of the feature is NaN
+                return ~torch.isnan(z).reshape(n, -1).any(dim=1).numpy()
             plus = (z >= 0).float()  # the quantizers' sign: 0 → +1, NaN → −1
             if spatial:  # every position of a channel holds the same value; take the majority
                 plus = plus.mean(dim=(2, 3))
@@ -295,7 +341,10 @@ class _Builder:
             for m, _ in was:
                 m.eval()
             try:
-                s, t = derive_thresholds(self.chain_positive(pending), pending.shape[0], pending.kind, pending.fan_in)
+                s, t = derive_thresholds(self.chain_positive(pending), pending.shape[0], pending.kind, pending.fan_in,
+                                         defined=self.chain_defined(pending))
+            except ExportError as exc:
+                raise ExportError(f"{name}: {exc}") from None
             finally:
                 for m, training in was:
                     m.train(training)
@@ -382,6 +431,9 @@ class _Builder:
         if weights == "float" and self.kind != "float":
             raise ExportError(f"{where}: full-precision weights on binary inputs are not supported")
         bias = None if module.bias is None else module.bias.detach().float().clone()
+        # PyTorch's output would be NaN or ±inf for every input: no rule or affine op can follow it
+        if not all(bool(torch.isfinite(t).all()) for t in (module.weight, alpha, bias) if t is not None):
+            raise ExportError(f"{where}: the weights, their scale α or the bias hold non-finite values")
         if isinstance(module, QuantLinear):
             if len(self.shape) != 1 or self.shape[0] != module.in_features:
                 raise ExportError(f"{where}: expects {module.in_features} features, gets {self.shape} (flatten first)")
@@ -400,6 +452,10 @@ class _Builder:
             pad_value = float(module.pad_value)
             if self.kind == "bits" and pad_value not in (0.0, 1.0, -1.0):
                 raise ExportError(f"{where}: binary convolutions pad with 0 or ±1, not {pad_value}")
+            if self.scaled and pad_value != 0 and (ph or pw):
+                # PyTorch pads β·sign(x) with a raw ±1; the engine pads the bits and scales the whole sum by β
+                raise ExportError(f"{where}: an XNOR convolution (scaled input) padded with {pad_value:g} is not "
+                                  "supported (pad_value=0 only)")
             w = weight.permute(0, 2, 3, 1)  # [O, kh, kw, C]: K ordered (kh, kw, C) as NHWC packing
             tensor = pack_bits(_sign_negative(w)) if weights == "binary" else w.contiguous().numpy().astype(np.float32)
             params = {"out_channels": module.out_channels, "weights": weights, "kernel": [kh, kw], "stride": [sh, sw],
@@ -578,6 +634,12 @@ def _bn_affine(module: nn.Module, where: str) -> tuple[np.ndarray, np.ndarray]:
     var = module.running_var.detach().double().numpy()
     gamma = np.ones_like(mean) if module.weight is None else module.weight.detach().double().numpy()
     beta = np.zeros_like(mean) if module.bias is None else module.bias.detach().double().numpy()
+    if not all(np.isfinite(a).all() for a in (mean, var, gamma, beta)):
+        raise ExportError(f"{where}: BatchNorm holds non-finite running statistics or parameters")
+    if not np.all(var + module.eps > 0):  # sqrt of a negative: PyTorch's output would be NaN
+        channel = int(np.flatnonzero(~(var + module.eps > 0))[0])
+        raise ExportError(f"{where}: BatchNorm running_var + eps must be positive (channel {channel}: "
+                          f"running_var {var[channel]:.3g})")
     scale = gamma / np.sqrt(var + module.eps)
     return scale, beta - mean * scale
 

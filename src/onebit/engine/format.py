@@ -12,8 +12,10 @@ metadata holds ``payload_sha256``, the SHA-256 of the payload bytes. Every byte 
 thus covered: a flipped bit anywhere is a :class:`~onebit.errors.FormatError`.
 
 The reader trusts nothing: it checks the header length against the file size before reading
-the header, every dtype, shape and offset before reading the payload (which it allocates from
-the real file size, never from a declared one), both checksums, the format name and version,
+the header, refuses numbers JSON cannot hold (``NaN``, ``Infinity``, ``1e400``), checks every
+dtype, shape and offset and the payload size (at most :data:`MAX_PAYLOAD_BYTES`) before reading
+the payload (which it allocates from the real file size, never from a declared one), both
+checksums, the format name and version,
 and the graph (:func:`check_graph`: every op's parameters, tensors, shapes and dtypes, which
 earlier values each op reads, and the optional ``input_levels``: the model's inputs are
 ((p / L)·2) − 1 of integer pixels p in 0..L, L an int in 1..255, which lets the engine run the
@@ -48,6 +50,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MAX_INPUT_LEVELS",
+    "MAX_PAYLOAD_BYTES",
     "MODEL_INPUT",
     "OPS",
     "Value",
@@ -78,6 +81,10 @@ def _dtype_name(dtype: np.dtype) -> str | None:
     return _DTYPE_NAMES.get((dtype.kind, dtype.itemsize))
 
 MAX_HEADER_BYTES = 64 << 20  # a header is a few KiB; refuse to even read a larger one
+#: the largest payload read or written: 4 GiB, over 10x the largest real model (a WRN of a few
+#: hundred MiB in float32 tensors, binary ones are 32x smaller). The reader allocates the
+#: payload from the file size, and a sparse file has a size of terabytes on a few bytes of disk.
+MAX_PAYLOAD_BYTES = 4 << 30
 MAX_NAME_CHARS = 256
 MAX_RANK = 8
 MAX_LAYERS = 10_000
@@ -123,13 +130,20 @@ def _strict_pairs(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def _reject_constant(name: str):
-    raise FormatError(f"header holds the non-JSON number {name}")
-
-
 def _loads(text: str | bytes, what: str) -> Any:
+    def reject_constant(name: str):
+        raise FormatError(f"{what} holds the non-JSON number {name}")
+
+    def finite_float(literal: str) -> float:
+        # 1e400 parses to inf, which _canonical (allow_nan=False) and the graph checks would trip over
+        value = float(literal)
+        if not math.isfinite(value):
+            raise FormatError(f"{what} holds the out-of-range number {literal[:40]}")
+        return value
+
     try:
-        return json.loads(text, object_pairs_hook=_strict_pairs, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=_strict_pairs, parse_constant=reject_constant,
+                          parse_float=finite_float)
     except FormatError:
         raise
     except (ValueError, RecursionError) as exc:
@@ -195,6 +209,9 @@ def write_model(path: str | os.PathLike, metadata: dict, tensors: dict[str, np.n
     if not isinstance(metadata, dict):
         raise FormatError(f"metadata must be a dict, got {type(metadata).__name__}")
     arrays = {name: _as_tensor(name, array) for name, array in tensors.items()}
+    total = sum(a.nbytes for a in arrays.values())
+    if total > MAX_PAYLOAD_BYTES:  # never write a file read_model refuses
+        raise FormatError(f"tensors of {total} bytes exceed the payload limit of {MAX_PAYLOAD_BYTES}")
     meta = dict(metadata)
     meta.pop("payload_sha256", None)
     meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, conventions=dict(CONVENTIONS))
@@ -303,24 +320,33 @@ def read_model(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         if _header_digest(header) != extra["header_sha256"]:
             raise FormatError(f"{path}: header checksum mismatch (corrupt file)")
         payload_size = size - 8 - header_size
+        if payload_size > MAX_PAYLOAD_BYTES:  # before allocating it: the size may be a sparse file's
+            raise FormatError(f"{path}: payload of {payload_size} bytes exceeds the limit of {MAX_PAYLOAD_BYTES}")
         entries = _check_entries(header, payload_size)
         meta = _loads(extra["onebit"], f"{path}: metadata")
         if not isinstance(meta, dict):
             raise FormatError(f"{path}: metadata is not a JSON object")
         _check_version(meta)
-        # allocated from the real file size, every declared size having been checked against it
-        payload = np.empty(payload_size, dtype=np.uint8)
+        # allocated from the real file size (capped above), every declared size checked against it
+        try:
+            payload = np.empty(payload_size, dtype=np.uint8)
+        except MemoryError:
+            raise FormatError(f"{path}: not enough memory for a payload of {payload_size} bytes") from None
         if handle.readinto(memoryview(payload)) != payload_size:
             raise FormatError(f"{path}: truncated payload")
     if hashlib.sha256(payload).hexdigest() != meta.get("payload_sha256"):
         raise FormatError(f"{path}: payload checksum mismatch (corrupt file)")
     tensors = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-        count = (end - begin) // dtype.itemsize
-        # copy: each tensor gets its own aligned, writable buffer in native byte order
-        tensors[name] = np.frombuffer(payload, dtype=dtype, count=count, offset=begin).reshape(shape).astype(
-            dtype.newbyteorder("="), copy=True
-        )
+    try:
+        for name, (dtype, shape, begin, end) in entries.items():
+            count = (end - begin) // dtype.itemsize
+            # copy: each tensor gets its own aligned, writable buffer in native byte order
+            tensors[name] = np.frombuffer(payload, dtype=dtype, count=count, offset=begin).reshape(shape).astype(
+                dtype.newbyteorder("="), copy=True
+            )
+    except MemoryError:
+        raise FormatError(f"{path}: not enough memory for the tensors of a payload of {payload_size} bytes") from None
+    del payload  # the tensors are copies: free the payload before the graph check
     check_graph(meta, tensors, where=f"{path}: ")
     return meta, tensors
 
