@@ -399,3 +399,23 @@ def test_concurrent_calls_match_serial(path):
             for got, want in zip(pool.map(work, inputs), serial):
                 for g, w in zip(got, want):
                     np.testing.assert_array_equal(g, w)
+
+
+def test_maxpool_bits_takes_numpy_integer_sizes(path):
+    xb = pack_pm1(rand_pm1(np.random.default_rng(61), (1, 4, 4, 3)))
+    expected = ref(kn.maxpool_bits, xb, 2, 2)
+    np.testing.assert_array_equal(kn.maxpool_bits(xb, np.int64(2), (np.int32(2), 2)), expected)
+    with pytest.raises(ShapeError, match="out of range"):
+        kn.maxpool_bits(xb, 2**63)
+
+
+def test_sizes_whose_int32_sums_could_overflow_are_refused(path):
+    tiny = np.zeros((1, 1), np.uint64)
+    with pytest.raises(ShapeError, match="limit of 2\\^30"):
+        kn.BinaryMatrix(tiny, 2**30)
+    with pytest.raises(ShapeError, match="limit of 2\\^30"):
+        kn.BinaryConv2d(np.zeros((1, 3, 3, 1), np.uint64), 2**27, 3, 3)
+    K = 8_421_505  # the smallest K with 255·K ≥ 2^31
+    matrix = kn.BinaryMatrix(np.zeros((1, words(K)), np.uint64), K)
+    with pytest.raises(ShapeError, match="255\\*K < 2\\^31"):
+        kn.bitplane_gemm(np.full((1, K), 255, np.uint8), matrix)

@@ -15,7 +15,7 @@ from onebit.layers import (
     has_stochastic_quantizer,
     recompute_batchnorm,
 )
-from onebit.errors import ConfigError
+from onebit.errors import ConfigError, OnebitError
 from onebit.quantizers import KBit, SteSign, StochasticSign
 
 
@@ -252,6 +252,30 @@ def test_has_stochastic_quantizer():
     stochastic = nn.Sequential(QuantLinear(4, 3, weight_quantizer="stochastic_sign"), nn.BatchNorm1d(3))
     assert not has_stochastic_quantizer(deterministic)
     assert has_stochastic_quantizer(stochastic)
+
+
+def test_recompute_batchnorm_leaves_out_single_samples_and_keeps_the_statistics_on_failure():
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLinear(16, 8, weight_quantizer="sign"), nn.BatchNorm1d(8))
+    norm = model[1]
+    norm.running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    full = torch.randn(50, 16)
+    recompute_batchnorm(model, [full, torch.randn(1, 16)])  # a last batch of one sample, as len(train) % batch == 1
+    assert torch.allclose(norm.running_mean, F.linear(full, torch.where(model[0].weight >= 0, 1.0, -1.0),
+                                                       model[0].bias).mean(0), atol=1e-5)
+    norm.load_state_dict(before)
+    with pytest.raises(OnebitError, match="at least 2 samples"):
+        recompute_batchnorm(model, [torch.randn(1, 16)])
+    with pytest.raises(RuntimeError):
+        recompute_batchnorm(model, [full, torch.randn(5, 7)])  # fails after changing the statistics
+    for key, value in before.items():
+        assert torch.equal(norm.state_dict()[key], value), key
+
+
+def test_quant_linear_takes_nn_linears_positional_arguments():
+    layer = QuantLinear(3, 4, False, "cpu", torch.float64, weight_quantizer="sign")
+    assert layer.bias is None and layer.weight.dtype == torch.float64 and layer.weight.device.type == "cpu"
 
 
 def test_recompute_batchnorm_measures_the_deterministic_network_and_restores_modes():

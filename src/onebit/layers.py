@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, OnebitError
 from .quantizers import Quantizer, get_quantizer
 
 __all__ = [
@@ -98,13 +98,14 @@ class QuantLinear(QuantLayer, nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
+        device=None,
+        dtype=None,
         *,
         input_quantizer: str | nn.Module | None = None,
         weight_quantizer: str | nn.Module | None = None,
         weight_clip: float | None = None,
-        **factory_kwargs,
     ) -> None:
-        super().__init__(in_features, out_features, bias, **factory_kwargs)
+        super().__init__(in_features, out_features, bias, device, dtype)
         self._init_quantization(input_quantizer, weight_quantizer, weight_clip)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -212,24 +213,35 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> None:
     These are the statistics of the network that evaluation and export run. Running averages
     gathered in training differ from them when a quantizer is stochastic (its draws change the
     spread of each layer's output) and, slightly, because the weights kept changing (McDonnell
-    2018 recomputes them after training). The modes of ``model``'s modules are restored.
+    2018 recomputes them after training). The modes of ``model``'s modules are restored, and so
+    are the old statistics if the recompute fails. A batch of one sample is left out (a
+    ``BatchNorm1d`` has no variance to take from it); no batch of two or more is an error.
     """
     norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
     modes = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in norms]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     model.eval()
     for norm in norms:
         norm.reset_running_stats()
         norm.train()
+    done = False
     try:
         seen = 0
         for x in batches:
+            if len(x) < 2:
+                continue
             seen += len(x)
             for norm in norms:  # an average weighted by batch size: a short last batch counts for less
                 norm.momentum = len(x) / seen
             model(x)
+        if not seen:
+            raise OnebitError("recomputing batch-norm statistics needs a batch of at least 2 samples; got none")
+        done = True
     finally:
-        for norm, momentum in zip(norms, momenta):
+        for norm, momentum, state in zip(norms, momenta, saved):
             norm.momentum = momentum
+            if not done:
+                norm.load_state_dict(state)
         for module, training in modes:
             module.train(training)

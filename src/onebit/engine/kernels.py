@@ -166,13 +166,18 @@ def _threads(threads: int) -> int:
 
 
 def _pair(v: Any, name: str) -> tuple[int, int]:
+    pair = None
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return int(v), int(v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        pair = int(v), int(v)
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(
         isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in v
     ):
-        return int(v[0]), int(v[1])
-    raise ShapeError(f"{name} must be an int or a pair of ints, got {v!r}")
+        pair = int(v[0]), int(v[1])
+    if pair is None:
+        raise ShapeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if not all(-(2**31) < e < 2**31 for e in pair):  # the native code holds sizes in 64-bit, products in 32
+        raise ShapeError(f"{name} {pair} is out of range")
+    return pair
 
 
 if hasattr(np, "bitwise_count"):
@@ -279,11 +284,11 @@ def maxpool_bits(x: np.ndarray, kernel: int | Sequence[int], stride: int | Seque
     ``stride`` defaults to ``kernel`` (as in torch).
     """
     threads = _threads(threads)
-    if not _use_numpy:
-        return _native_call(_native.maxpool_bits, x, kernel, stride, threads)
-    x = _array(x, "x", "uint64", 4)
-    kh, kw = _pair(kernel, "kernel")
+    kh, kw = _pair(kernel, "kernel")  # numpy integers too, on every path
     sh, sw = (kh, kw) if stride is None else _pair(stride, "stride")
+    if not _use_numpy:
+        return _native_call(_native.maxpool_bits, x, (kh, kw), (sh, sw), threads)
+    x = _array(x, "x", "uint64", 4)
     if kh < 1 or kw < 1:
         raise ShapeError("kernel must be >= 1")
     if sh < 1 or sw < 1:
@@ -323,6 +328,8 @@ def bitplane_gemm(x: np.ndarray, w: "BinaryMatrix", threads: int = 0) -> np.ndar
     if _native_matrix(w):
         return _native_call(_native.bitplane_gemm, x, w._nat, threads)
     x = _matrix_input(x, w, "uint8")
+    if 255 * w.K >= 2**31:  # |sum| <= 255·K must fit int32
+        raise ShapeError(f"bitplane_gemm needs 255*K < 2^31, got K={w.K}")
     wpm = np.where(_unpack_bool(w._bits(), w.K), -1.0, 1.0)  # float64: exact below 2^53
     return (x.astype(np.float64) @ wpm.T).astype(np.int32)
 
@@ -343,6 +350,15 @@ def float_gemm_binary(x: np.ndarray, w: "BinaryMatrix", threads: int = 0) -> np.
         xk = x[:, k : k + 1]
         acc += np.where(neg[None, :, k], -xk, xk)
     return acc
+
+
+#: the largest K: dot products are int32, and K − 2·popcount must not overflow (as in the native code)
+MAX_K = 2**30 - 1
+
+
+def _check_max_k(K: int) -> None:
+    if K > MAX_K:
+        raise ShapeError(f"K = {K} exceeds the engine's limit of 2^30 - 1 (int32 sums)")
 
 
 # =========================================================================== BinaryMatrix
@@ -372,6 +388,7 @@ class BinaryMatrix:
         w = _array(w_bits, "w_bits", "uint64", 2)
         if self.K < 1:
             raise ShapeError(f"K must be >= 1, got {self.K}")
+        _check_max_k(self.K)
         if w.shape[0] < 1:
             raise ShapeError(f"w_bits must have at least one row (output), got shape {w.shape}")
         if w.shape[1] != _words(self.K):
@@ -466,6 +483,7 @@ class BinaryConv2d:
             raise ShapeError(f"C must be >= 1, got {self.C}")
         if self.kh < 1 or self.kw < 1:
             raise ShapeError(f"kernel size must be >= 1, got {self.kh}x{self.kw}")
+        _check_max_k(self.kh * self.kw * self.C)
         if min(self.stride) < 1:
             raise ShapeError("stride must be >= 1")
         if min(self.padding) < 0:

@@ -149,12 +149,20 @@ py::array_t<std::uint64_t> unpack_layout(const PackedWeights& W, std::vector<py:
     return out;
 }
 
+// The dot products are int32, and the epilogue computes K - 2·popcount: below 2^30 neither overflows.
+constexpr std::int64_t MAX_K = (std::int64_t(1) << 30) - 1;
+
+void check_max_k(std::int64_t K) {
+    if (K > MAX_K) fail("K = " + std::to_string(K) + " exceeds the engine's limit of 2^30 - 1 (int32 sums)");
+}
+
 // ===========================================================================================
 class BinaryMatrix {
   public:
     BinaryMatrix(const py::handle& w_obj, std::int64_t K) {
         auto w = get<std::uint64_t>(w_obj, "w_bits", 2);
         if (K < 1) fail("K must be >= 1, got " + std::to_string(K));
+        check_max_k(K);
         const std::int64_t N = w.shape(0), KW = w.shape(1);
         if (N < 1) fail("w_bits must have at least one row (output), got shape " + shape_str(w));
         if (KW != (K + 63) / 64)
@@ -250,6 +258,7 @@ class BinaryConv2d {
         if (ph_ < 0 || pw_ < 0) fail("padding must be >= 0");
         if (pad_value != 1 && pad_value != -1 && pad_value != 0)
             fail("pad_value must be +1, -1 or 0, got " + std::to_string(pad_value));
+        check_max_k(kh * kw * C);
         CW_ = (C + 63) / 64;
         if (w.shape(1) != kh || w.shape(2) != kw || w.shape(3) != CW_)
             fail("w_bits must have shape (O, " + std::to_string(kh) + ", " + std::to_string(kw) + ", " +
@@ -414,6 +423,8 @@ py::array bitplane_gemm_py(const py::handle& x_obj, const BinaryMatrix& w, int t
     auto x = get<std::uint8_t>(x_obj, "x", 2);
     if (x.shape(1) != w.K())
         fail("x has " + std::to_string(x.shape(1)) + " features, the matrix expects K=" + std::to_string(w.K()));
+    if (255 * w.K() >= (std::int64_t(1) << 31))  // |sum| <= 255·K must fit int32
+        fail("bitplane_gemm needs 255*K < 2^31, got K=" + std::to_string(w.K()));
     const std::int64_t M = x.shape(0);
     py::array_t<std::int32_t> out({M, w.N()});
     const std::uint8_t* xp = x.data();
