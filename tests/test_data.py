@@ -8,7 +8,10 @@ import io
 import os
 import pickle
 import pickletools
+import re
 import struct
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 import urllib.error
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import onebit
 from onebit import data as D
 from onebit.data import (
     DATASETS,
@@ -775,3 +779,65 @@ def test_cutout_overwrites_one_square_per_sample_with_noise():
     assert (rows.sum(1) * cols.sum(1) == per_sample).all()  # the changed pixels form a rectangle
     with pytest.raises(OnebitError, match="cutout"):
         Augment(cutout=-1)
+
+
+# --------------------------------------------------------------------------- without torch
+#: Prepended to a subprocess script: makes ``import torch`` fail as if torch were not installed.
+#: A meta-path finder rather than ``sys.modules["torch"] = None``: scikit-learn (the digits loader)
+#: imports scipy, whose array-API helpers look ``torch`` up in ``sys.modules`` and crash on a None entry.
+_NO_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def _run_without_torch(script: str) -> subprocess.CompletedProcess:
+    src = str(Path(onebit.__file__).resolve().parents[1])
+    env = dict(os.environ, ONEBIT_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(p for p in [src, os.environ.get("PYTHONPATH", "")] if p))
+    return subprocess.run([sys.executable, "-c", _NO_TORCH + script], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_load_dataset_and_listing_import_no_torch():
+    # `onebit run --dataset` and `onebit datasets` must work where torch is not installed
+    result = _run_without_torch("""
+from onebit.data import DATASETS, dataset_info, load_dataset
+ds = load_dataset("digits", "test")
+assert ds.images.shape[1:] == (1, 8, 8) and len(ds) == 359, ds.images.shape
+assert "digits" in DATASETS.names() and dataset_info("digits")["max_value"] == 16
+from onebit.cli import main
+assert main(["datasets"]) == 0
+assert "torch" not in sys.modules or sys.modules["torch"] is None, "torch was imported"
+print("ok", len(ds))
+""")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "ok 359"
+    assert "digits" in result.stdout
+
+
+@pytest.mark.parametrize("levels", [16, None], ids=["pixels", "float"])
+def test_cli_run_on_a_dataset_without_torch(tmp_path, levels):
+    from onebit.export import export_model
+    from onebit.models import create_model
+
+    kwargs = dict(hidden=16, depth=1, in_shape=(1, 8, 8), num_classes=10)
+    model = create_model("binarynet_mlp", **kwargs).eval()
+    path = tmp_path / "m.onebit"
+    export_model(model, path, source={"name": "binarynet_mlp", "kwargs": {**kwargs, "in_shape": [1, 8, 8]}},
+                 input_levels=levels)
+    result = _run_without_torch(f"""
+from onebit.cli import main
+code = main(["run", {str(path)!r}, "--dataset", "digits"])
+assert "torch" not in sys.modules or sys.modules["torch"] is None, "torch was imported"
+sys.exit(code)
+""")
+    assert result.returncode == 0, result.stderr
+    line = re.search(r"on digits \(test, 359 samples\): accuracy (\d+\.\d\d)%", result.stdout)
+    assert line, result.stdout
+    assert 0.0 <= float(line.group(1)) <= 100.0

@@ -51,14 +51,16 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .errors import DataError, FileWriteError, OnebitError
 from .files import atomic_write
 from .registry import Registry
+
+if TYPE_CHECKING:  # torch only where tensors are made, so that ``onebit run`` (numpy engine) works without it
+    import torch
 
 __all__ = [
     "ArrayDataset",
@@ -147,6 +149,8 @@ class ArrayDataset:
 
 def to_float(images: np.ndarray | torch.Tensor, max_value: int | float) -> torch.Tensor:
     """Pixels ``0..max_value`` → float32 in ``[-1, 1]`` as ``x / max_value * 2 − 1`` (BinaryNet's range)."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     return x.to(torch.float32).div(float(max_value)).mul_(2.0).sub_(1.0)
 
@@ -201,6 +205,8 @@ class Augment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.ndim != 4:
             raise OnebitError(f"Augment expects a B×C×H×W batch, got shape {tuple(x.shape)}")
+        import torch
+
         p = int(self.crop_padding)
         if p == 0 and not self.flip:
             return self._cutout(x, generator)
@@ -223,6 +229,8 @@ class Augment:
         size = int(self.cutout)
         if size == 0:
             return x
+        import torch
+
         b, c, h, w = x.shape
         top = torch.randint(0, h, (b,), generator=generator) - size // 2
         left = torch.randint(0, w, (b,), generator=generator) - size // 2
@@ -270,6 +278,8 @@ class BatchLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
+        import torch
+
         self._x = to_float(dataset.images, dataset.max_value)
         self._y = torch.from_numpy(np.ascontiguousarray(dataset.labels, dtype=np.int64))
 
@@ -287,6 +297,8 @@ class BatchLoader:
 
     def indices(self) -> torch.Tensor:
         """The sample indices this rank visits in the current epoch, in order."""
+        import torch
+
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator().manual_seed(_seed_int(self.seed, self.epoch))
@@ -305,6 +317,8 @@ class BatchLoader:
     def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The same batches as iterating the loader, each as ``(indices, x, y)``: which samples
         of the dataset the batch holds, e.g. to look up per-sample values such as a teacher's outputs."""
+        import torch
+
         order = self.indices()
         generator = None
         if self.augment is not None:
