@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,3 +233,62 @@ def test_recompute_bn_flag_turns_a_recipes_setting_on_and_off():
     off = parse("--no-recompute-bn").recompute_bn
     assert off is False and recipe_config("mcdonnell_wrn_fmnist", recompute_bn=off, out="x").recompute_bn is False
     assert build_parser().parse_args(["train", "float_mlp", "--recompute-bn"]).recompute_bn is True
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "binarynet_mlp", "--dataset", "digits", "-m", "hidden=32", "--epochs", "1",
+                 "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    return out / "last.pt"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "-2"], "threads must be at least 1"),
+    (["--seed", "99999999999999999999999"], "seed must be in"),
+    (["--scheduler", "cosine", "--lr-end", "-1"], "final learning rate must be a number"),
+    (["--optimizer", "sgd", "--optimizer-arg", "momentum=nan"], "momentum must be a finite number"),
+    (["--optimizer", "sgd", "--optimizer-arg", "nesterov=5"], "nesterov must be True or False"),
+    (["--scheduler", "sgdr", "--scheduler-arg", "t0=nan"], "t0 must be a finite number"),
+    (["-m", "in_shape=(1,4,4)"], "come from the dataset"),
+])
+def test_bad_training_settings_are_one_line_errors(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    code = main(["train", "binarynet_mlp", "--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_train_into_an_existing_file_is_a_one_line_error(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    assert main(["train", "binarynet_mlp", "--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(taken)]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err and taken.read_text() == "mine"
+
+
+def test_export_and_run_never_overwrite_their_input(tiny_checkpoint, tmp_path, capsys):
+    copy = tmp_path / "c.pt"
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    before = copy.read_bytes()
+    assert main(["export", str(copy), "-o", str(copy)]) == 2
+    assert "is the input file" in capsys.readouterr().err and copy.read_bytes() == before
+    model = tmp_path / "m.onebit"
+    assert main(["export", str(copy), "-o", str(model)]) == 0
+    assert "x smaller than the float32 weights" in capsys.readouterr().out
+    kept = model.read_bytes()
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 1, 8, 8), np.float32))
+    for output in (model, x):
+        assert main(["run", str(model), "--input", str(x), "-o", str(output)]) == 2
+        assert "is the input file" in capsys.readouterr().err
+    assert model.read_bytes() == kept
+    assert main(["run", str(model), "--dataset", "digits", "-o", str(tmp_path / "l.npy")]) == 2
+    assert "--output writes the logits of --input" in capsys.readouterr().err
+
+
+def test_checkpoint_and_model_file_mixups_are_named(tiny_checkpoint, capsys):
+    assert main(["run", str(tiny_checkpoint), "--dataset", "digits"]) == 2
+    assert "a zip archive (a PyTorch checkpoint?), not a .onebit file" in capsys.readouterr().err
+    assert main(["eval", str(tiny_checkpoint.parent)]) == 2
+    assert "is a folder; give a checkpoint file such as" in capsys.readouterr().err

@@ -297,3 +297,16 @@ def test_a_stochastic_network_is_evaluated_with_the_batch_norm_statistics_of_its
     with torch.no_grad():
         hits = sum(int((reloaded(x).argmax(1) == y).sum()) for x, y in BatchLoader(load_dataset("digits", "test"), 500))
     assert hits / len(load_dataset("digits", "test").labels) == pytest.approx(result.test["accuracy"])
+
+
+def test_resume_drops_a_metrics_row_cut_by_a_kill(tmp_path):
+    train(small(tmp_path, epochs=2))
+    out = tmp_path / "run"
+    with (out / "metrics.jsonl").open("a") as handle:
+        handle.write('{"epoch": 3, "train_lo')  # a kill in the middle of the append
+    with (out / "metrics.csv").open("a") as handle:
+        handle.write("3,0.5,")
+    train(small(tmp_path, epochs=3, resume=True))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert (out / "metrics.csv").read_text().count("\n") == 4  # header and three epochs

@@ -176,6 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .train import load_checkpoint, model_from_checkpoint
 
     out = Path(args.output or Path(args.checkpoint).with_suffix(f".{args.format}"))
+    _refuse_overwriting_input(out, args.checkpoint)
     state = load_checkpoint(args.checkpoint)
     if args.format == "onnx":
         export_onnx(model_from_checkpoint(state), out)
@@ -183,9 +184,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     export_checkpoint(args.checkpoint, out)
     size, float_size = out.stat().st_size, _float_state_bytes(state)
-    print(f"{out}: {size:,} bytes, {float_size / size:.1f}x smaller than the float32 weights "
+    compared = (f"{float_size / size:.1f}x smaller than" if size <= float_size else
+                f"{size / float_size:.2f}x the size of (a full-precision model)")
+    print(f"{out}: {size:,} bytes, {compared} the float32 weights "
           f"({float_size:,} bytes); run it with `onebit run {out} --dataset DATASET`")
     return 0
+
+
+def _refuse_overwriting_input(out: Path, source: str | os.PathLike) -> None:
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise OnebitError(f"the output {out} is the input file; give another --output")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -200,6 +208,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         kernels.set_path(args.kernel)
     if (args.dataset is None) == (args.input is None):
         raise OnebitError("give either --dataset NAME (accuracy) or --input FILE.npy (predictions)")
+    if args.output and args.dataset is not None:
+        raise OnebitError("--output writes the logits of --input; with --dataset use --json for the figures")
+    if args.output:
+        _refuse_overwriting_input(Path(args.output), args.model_file)
+        _refuse_overwriting_input(Path(args.output), args.input)
     try:
         model = load(args.model_file, threads=args.threads)
     except FormatError as exc:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -366,13 +366,26 @@ def build_optimizer(
     _check_lr(lr)
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise OnebitError(f"weight decay must be ≥ 0, got {weight_decay!r}")
-    accepted = [p.name for p in inspect.signature(factory).parameters.values()
-                if p.kind is p.KEYWORD_ONLY and p.name not in ("weight_decay", "lr_scaling")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        valid = ", ".join(accepted) or "none"
-        raise OnebitError(f"optimizer {name!r} does not take {unknown[0]!r}; its options: {valid}")
+    _check_options("optimizer", name, factory, options, fixed=("weight_decay", "lr_scaling"))
     return factory(model, lr, weight_decay=weight_decay, lr_scaling=lr_scaling, **options)
+
+
+def _check_options(kind: str, name: str, factory: Callable, options: dict, fixed: Sequence[str]) -> None:
+    """``options`` (from a command line or a recipe) must be keyword options of ``factory`` other
+    than the ``fixed`` ones, each of its default's kind: true/false for a flag, else a finite number
+    (or None where that is the default)."""
+    params = {p.name: p for p in inspect.signature(factory).parameters.values()
+              if p.kind is p.KEYWORD_ONLY and p.name not in fixed}
+    for key, value in options.items():
+        if key not in params:
+            raise OnebitError(f"{kind} {name!r} does not take {key!r}; its options: {', '.join(params) or 'none'}")
+        default = params[key].default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise OnebitError(f"{kind} option {key} must be True or False, got {value!r}")
+        elif not (value is None and default is None) and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise OnebitError(f"{kind} option {key} must be a finite number, got {value!r}")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -598,6 +611,8 @@ def _sgdr(
     cycles: int = 3,
 ) -> LRSchedule:
     """Cosine with warm restarts (SGDR), period doubling; t0 fits `cycles` cycles into the run."""
+    if not (isinstance(cycles, int) and cycles >= 1):
+        raise OnebitError(f"SGDR cycles must be an integer ≥ 1, got {cycles!r}")
     if t0 is None:  # the run ends exactly at the end of the cycles-th cycle
         t0 = epochs / cycles if t_mult == 1 else epochs * (t_mult - 1) / (t_mult**cycles - 1)
     floor = eta_min if eta_min is not None else (lr_end or 0.0)
@@ -615,9 +630,5 @@ def build_scheduler(optimizer, name: str, epochs: int, steps_per_epoch: int, **k
     factory = SCHEDULERS.get(name)
     if epochs < 1:
         raise OnebitError(f"epochs must be at least 1, got {epochs}")
-    try:
-        return factory(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise OnebitError(f"scheduler {name!r} does not take {str(exc).split('argument')[-1].strip()}") from None
-        raise
+    _check_options("scheduler", name, factory, kwargs, fixed=("epochs", "steps_per_epoch"))
+    return factory(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)

@@ -111,6 +111,14 @@ class TrainConfig:
             raise OnebitError(f"distillation weight must be in [0, 1], got {self.distill_weight}")
         if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
             raise OnebitError(f"distillation temperature must be a positive number, got {self.distill_temperature}")
+        if self.lr_end is not None and not (math.isfinite(self.lr_end) and self.lr_end >= 0):
+            raise OnebitError(f"final learning rate must be a number ≥ 0, got {self.lr_end}")
+        if self.threads is not None and self.threads < 1:
+            raise OnebitError(f"threads must be at least 1 (leave it out for all cores), got {self.threads}")
+        if not 0 <= self.seed < 2**63:
+            raise OnebitError(f"seed must be in 0 .. 2^63 - 1, got {self.seed}")
+        if {"in_shape", "num_classes"} & set(self.model_kwargs):
+            raise OnebitError("in_shape and num_classes come from the dataset; do not pass them as model arguments")
         if self.amp and self.device == "cpu":
             raise OnebitError("mixed precision (amp) is for CUDA devices; drop --amp or use --device cuda")
 
@@ -180,6 +188,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint written by :func:`train`, refusing anything but plain tensors and containers."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file such as {path / 'best.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     problem = zip_integrity_error(path)  # torch.load does not check the zip CRCs
@@ -196,9 +206,14 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} has checkpoint version {state.get('version')!r}; this onebit reads version {CHECKPOINT_VERSION}"
         )
-    for key in ("model_name", "model_kwargs", "model_state", "config"):
-        if key not in state:
-            raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    for key, kind in (("model_name", str), ("model_kwargs", dict), ("model_state", dict), ("config", dict)):
+        if not isinstance(state.get(key), kind):
+            found = "nothing" if key not in state else type(state[key]).__name__
+            raise CheckpointError(f"checkpoint {path}: {key!r} must be a {kind.__name__}, found {found}")
+    in_shape = state["model_kwargs"].get("in_shape")
+    if in_shape is not None and not (isinstance(in_shape, (list, tuple)) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in in_shape)):
+        raise CheckpointError(f"checkpoint {path}: in_shape must be a list of positive sizes, found {in_shape!r}"[:300])
     return state
 
 
@@ -211,8 +226,10 @@ def model_from_checkpoint(state: dict) -> nn.Module:
     try:
         model.load_state_dict(state["model_state"])
     except (RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint weights do not fit model {state['model_name']}: {first[:200]}") from None
+        # torch's first line is only "Error(s) in loading state_dict for ...": the reasons follow it
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        reason = " ".join(lines[1:2] or lines[:1])
+        raise CheckpointError(f"checkpoint weights do not fit model {state['model_name']}: {reason[:200]}") from None
     return model.eval()
 
 
@@ -223,6 +240,22 @@ def _best_epoch(history: list[dict]) -> int:
 
 
 # --------------------------------------------------------------------------- metrics
+def _json_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _epoch_of(row: dict) -> float:
+    """A metrics row's epoch; a row without a readable one sorts after every epoch (it is dropped)."""
+    try:
+        return int(row.get("epoch"))
+    except (TypeError, ValueError):
+        return math.inf
+
+
 class MetricsLog:
     """Per-epoch metrics as JSON lines, CSV and TensorBoard scalars."""
 
@@ -243,14 +276,16 @@ class MetricsLog:
                                          purge_step=None if resume_epoch is None else resume_epoch + 1)
 
     def _keep_epochs(self, last: int) -> None:
+        # a kill in the middle of an append leaves a cut last row: it is dropped with the later ones
         if self.jsonl.exists():
-            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            rows = [row for row in map(_json_row, self.jsonl.read_text(errors="replace").splitlines())
+                    if row is not None and _epoch_of(row) <= last]
             with atomic_write(self.jsonl, "w") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) <= last)
+                handle.writelines(json.dumps(r) + "\n" for r in rows)
         if self.csv.exists():
-            with self.csv.open(newline="") as handle:
+            with self.csv.open(newline="", errors="replace") as handle:
                 reader = csv.DictReader(handle)
-                fields, rows = reader.fieldnames, [r for r in reader if int(r.get("epoch") or 0) <= last]
+                fields, rows = reader.fieldnames, [r for r in reader if _epoch_of(r) <= last]
             with atomic_write(self.csv, "w") as handle:
                 writer = csv.DictWriter(handle, fieldnames=fields or [])
                 writer.writeheader()
@@ -322,12 +357,17 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def _last_good(out: Path) -> str:
+    last = out / "last.pt"
+    return f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was saved yet"
+
+
 def _check_finite_weights(model: nn.Module, epoch: int, out: Path) -> None:
     # buffers too: BatchNorm's running statistics become the exported thresholds
     tensors = [*model.named_parameters(), *model.named_buffers()]
     bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise OnebitError(f"weights became NaN/Inf at epoch {epoch} ({bad[0]}); last good checkpoint: {out / 'last.pt'}")
+        raise OnebitError(f"weights became NaN/Inf at epoch {epoch} ({bad[0]}); {_last_good(out)}")
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -399,7 +439,10 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     )
     # the folder is made only now, so that a bad setting above leaves nothing behind
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # an existing file of that name, a read-only or missing parent
+            raise OnebitError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
         for stale in out.glob(".*.tmp"):  # temporary files of writes a kill interrupted
             stale.unlink(missing_ok=True)
 
@@ -483,7 +526,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                     if not torch.isfinite(loss):
                         raise OnebitError(
                             f"loss became {float(loss.detach())} at epoch {epoch + 1}, batch {batch_index + 1}; "
-                            f"last good checkpoint: {out / 'last.pt'}"
+                            f"{_last_good(out)}"
                         )
                     loss.backward()
                     optimizer.step()
@@ -508,7 +551,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
                 _check_finite_weights(model, epoch + 1, out)
                 if not context.same_on_all_ranks(model):
                     raise OnebitError(f"the processes' weights diverged at epoch {epoch + 1}; "
-                                      f"last good checkpoint: {out / 'last.pt'}")
+                                      f"{_last_good(out)}")
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": running_loss / max(seen, 1),

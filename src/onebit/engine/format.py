@@ -295,7 +295,11 @@ def read_model(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         size = os.fstat(handle.fileno()).st_size
         if size < 8:
             raise FormatError(f"{path}: truncated ({size} bytes, not even a header length)")
-        (header_size,) = struct.unpack("<Q", handle.read(8))
+        first = handle.read(8)
+        if first.startswith(b"PK\x03\x04"):  # a zip archive, as PyTorch writes its checkpoints
+            raise FormatError(f"{path}: a zip archive (a PyTorch checkpoint?), not a .onebit file; "
+                              "make one with `onebit export CHECKPOINT`")
+        (header_size,) = struct.unpack("<Q", first)
         if header_size > size - 8:
             raise FormatError(f"{path}: truncated or corrupt (header of {header_size} bytes in a file of {size})")
         if header_size > MAX_HEADER_BYTES:
