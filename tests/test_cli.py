@@ -292,3 +292,13 @@ def test_checkpoint_and_model_file_mixups_are_named(tiny_checkpoint, capsys):
     assert "a zip archive (a PyTorch checkpoint?), not a .onebit file" in capsys.readouterr().err
     assert main(["eval", str(tiny_checkpoint.parent)]) == 2
     assert "is a folder; give a checkpoint file such as" in capsys.readouterr().err
+
+
+def test_report_and_robustness_check_their_outputs_before_writing_any(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert main(["report", str(tiny_checkpoint.parent), "-o", str(folder)]) == 2
+    assert "it is a folder" in capsys.readouterr().err and not (tmp_path / "figures").exists()
+    plot = tmp_path / "r.png"
+    assert main(["robustness", str(tiny_checkpoint), "--plot", str(plot), "--json", str(folder), "--limit", "20"]) == 2
+    assert "it is a folder" in capsys.readouterr().err and not plot.exists()

@@ -10,7 +10,7 @@ from typing import IO, Any, Iterator
 
 from .errors import FileWriteError
 
-__all__ = ["atomic_write", "save_png", "zip_integrity_error"]
+__all__ = ["atomic_write", "check_output_files", "save_png", "zip_integrity_error"]
 
 
 class _RecordingFile:
@@ -70,6 +70,14 @@ def _write_error(path: Path, exc: OSError) -> FileWriteError:
     error = FileWriteError(f"cannot write {path}: {' '.join(str(reason).split())}; its previous content (if any) is unchanged")
     error.errno = exc.errno
     return error
+
+
+def check_output_files(*paths: str | os.PathLike | None) -> None:
+    """Before work that ends in writing ``paths`` (None: not asked for): refuse a path that is a
+    folder, so that a command does not write its other outputs and then fail on that one."""
+    for path in paths:
+        if path is not None and Path(path).is_dir():
+            raise FileWriteError(f"cannot write {path}: it is a folder; give a file name")
 
 
 @contextlib.contextmanager

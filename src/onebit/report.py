@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import OnebitError
-from .files import atomic_write, save_png
+from .files import atomic_write, check_output_files, save_png
 
 __all__ = [
     "PAPER_RESULTS",
@@ -691,6 +691,7 @@ def build_report(
     """Read every run under ``runs_dirs`` and write the markdown report ``out_md`` and one curve PNG
     per dataset and architecture (:func:`family`) into ``figures_dir`` (default: ``figures/`` beside
     ``out_md``). Returns the runs."""
+    check_output_files(out_md)
     if isinstance(runs_dirs, (str, os.PathLike)):
         runs_dirs = [runs_dirs]
     runs = find_runs(runs_dirs)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import ConfigError, ShapeError
-from .files import atomic_write, save_png
+from .files import atomic_write, check_output_files, save_png
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that the command line can build its parser without it
     import torch
@@ -272,6 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the command for parsed ``args`` (see :func:`add_arguments`): print the table, write --plot/--json."""
+    check_output_files(args.plot, args.json)
     rows = robustness(args.checkpoints, dataset=args.dataset, data_dir=args.data_dir, sigmas=args.sigma,
                       epsilons=args.epsilon, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                       labels=args.label)

@@ -398,12 +398,13 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
         _check_resumable(dict(resume_state["config"]), config, out / "last.pt")
 
     torch.manual_seed(config.seed)
+    # the model before the data: a bad model argument is reported without waiting for a download
+    model_kwargs = model_kwargs_for(config)
+    model = create_model(config.model, **model_kwargs)
     full_train = load_dataset(config.dataset, "train", data_dir=config.data_dir)
     test_set = load_dataset(config.dataset, "test", data_dir=config.data_dir)
     train_set, val_set = split_validation(full_train, config.val_fraction, seed=config.seed)
 
-    model_kwargs = model_kwargs_for(config)
-    model = create_model(config.model, **model_kwargs)
     if resume_state is not None:
         model.load_state_dict(resume_state["model_state"])
     if config.sync_bn and context.distributed:
