@@ -188,3 +188,189 @@ def test_depth_and_rebuild_loads_state():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+# --------------------------------------------------------------------------- user errors: one line, an OnebitError
+def one_line_error(name: str, **kwargs) -> str:
+    """The message of the OnebitError that ``create_model(name, **kwargs)`` raises, checked to be one line."""
+    with pytest.raises(OnebitError) as info:
+        create_model(name, **kwargs)
+    text = str(info.value)
+    assert text and "\n" not in text and len(text) <= 300, text
+    return text
+
+
+@pytest.mark.parametrize("name", ["binarynet_cnn", "xnor_cnn", "wrn_1bit", "float_wrn"])
+@pytest.mark.parametrize("width", [float("inf"), float("-inf"), float("nan"), 0, -1.0, "inf", "x", True, None])
+def test_width_must_be_positive_and_finite(name, width):
+    assert "width" in one_line_error(name, width=width)
+
+
+@pytest.mark.parametrize("name", ["binarynet_cnn", "wrn_1bit"])
+def test_huge_width_is_refused_before_allocating(name):
+    assert "width" in one_line_error(name, width=1e300)  # 16 * 1e300 channels: no int overflow, no allocation
+    text = one_line_error(name, width=1e5)  # channels fit in an int, weights do not: the per-model limit
+    assert f"model {name}" in text and "2,147,483,648" in text
+
+
+@pytest.mark.parametrize("name", ["binarynet_mlp", "binarynet_cnn"])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(weight_clip="x"), "weight_clip"),
+        (dict(weight_clip=float("inf")), "weight_clip"),
+        (dict(weight_clip=float("nan")), "weight_clip"),
+        (dict(weight_clip=0), "weight_clip"),
+        (dict(weight_clip=True), "weight_clip"),
+        (dict(bn_eps=-1), "bn_eps"),
+        (dict(bn_eps=0), "bn_eps"),
+        (dict(bn_eps="x"), "bn_eps"),
+        (dict(bn_eps=float("nan")), "bn_eps"),
+        (dict(bn_momentum="x"), "bn_momentum"),
+        (dict(bn_momentum=-0.1), "bn_momentum"),
+        (dict(bn_momentum=1.5), "bn_momentum"),
+        (dict(bn_momentum=float("nan")), "bn_momentum"),
+        (dict(float_first_last="x"), "float_first_last"),
+        (dict(dropout_in=True), "dropout_in"),
+        (dict(num_classes=True), "num_classes"),
+        (dict(weight_quantizer_args=0), "weight_quantizer_args"),
+        (dict(weight_quantizer_args={1: 2}), "weight_quantizer_args"),
+        (dict(weight_quantizer_args={"bits": 2}, weight_quantizer=None), "weight_quantizer_args"),
+    ],
+)
+def test_invalid_layer_arguments(name, kwargs, word):
+    assert word in one_line_error(name, **small(name), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["wrn_1bit", "float_wrn"])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [(dict(bn_eps=-1), "bn_eps"), (dict(bn_eps="x"), "bn_eps"), (dict(bn_momentum="x"), "bn_momentum"),
+     (dict(bn_momentum=2), "bn_momentum"), (dict(bn_affine="x"), "bn_affine")],
+)
+def test_invalid_wrn_arguments(name, kwargs, word):
+    assert word in one_line_error(name, width=1 / 16, **kwargs)
+
+
+def test_valid_batchnorm_and_clip_arguments_still_build():
+    model = create_model("binarynet_mlp", hidden=8, bn_momentum=None, bn_eps=1e-3, weight_clip=2)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert all(b.momentum is None and b.eps == 1e-3 for b in bns)
+    assert all(m.weight_clip == 2 for m in quant_layers(model))
+    model = create_model("binarynet_cnn", width=1 / 16, bn_momentum=0, channels=[8, 8], pad_value=1)
+    assert [m.out_channels for m in quant_layers(model)[:4]] == [1, 1, 1, 1]  # width scales the channels too
+    import numpy as np
+    assert create_model("binarynet_mlp", hidden=np.int64(8), num_classes=np.int32(3)).out.linear.out_features == 3
+
+
+@pytest.mark.parametrize("name", ["binarynet_mlp", "xnor_cnn"])
+def test_quantizer_arguments_that_do_not_fit_name_model_and_argument(name):
+    text = one_line_error(name, **small(name), weight_quantizer_args={"x": 1})
+    assert f"model {name}" in text and "weight_quantizer_args" in text and "'x'" in text
+    text = one_line_error(name, **small(name), input_quantizer_args={"x": 1})
+    assert f"model {name}" in text and "input_quantizer_args" in text
+    # the quantizer's own one-line errors pass through unchanged
+    assert "bits" in one_line_error(name, **small(name), weight_quantizer="kbit", weight_quantizer_args={"bits": 99})
+    model = create_model(name, **small(name), weight_quantizer="kbit", weight_quantizer_args={"bits": 2, "mode": "weight"})
+    assert all(m.weight_quantizer.bits == 2 for m in quant_layers(model))
+
+
+def test_sizes_beyond_the_weight_limit_are_refused_without_allocating():
+    assert "hidden" in one_line_error("binarynet_mlp", hidden=1e8)  # a float is not a size
+    text = one_line_error("binarynet_mlp", hidden=10**8)
+    assert "model binarynet_mlp" in text and "weights" in text and "fc2" in text and "2,147,483,648" in text
+    assert "hidden" in one_line_error("binarynet_mlp", hidden=2**40)  # beyond any single size
+    assert "2,147,483,648" in one_line_error("binarynet_mlp", hidden=46_000)  # 2.1e9 weights per hidden layer
+    assert "fc1" in one_line_error("binarynet_mlp", in_shape=(1, 100_000, 100_000))
+    assert "num_classes" in one_line_error("float_mlp", num_classes=2**40)
+    assert "out" in one_line_error("float_mlp", depth=0, in_shape=(1, 2**15, 2**10), num_classes=2**12)
+    assert "fc_units" in one_line_error("binarynet_cnn", fc_units=2**40)
+    assert "channels" in one_line_error("binarynet_cnn", channels=(2**40,))
+    assert "fc1" in one_line_error("binarynet_cnn", in_shape=(3, 2**20, 2**20), width=1 / 16)
+    assert "head" in one_line_error("wrn_1bit", width=1 / 16, num_classes=2**30)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, word",
+    [
+        ("binarynet_mlp", dict(depth=100_000), "depth"),
+        ("binarynet_mlp", dict(depth=1001), "depth"),
+        ("binarynet_mlp", dict(depth=-1), "depth"),
+        ("binarynet_mlp", dict(depth=2.0), "depth"),
+        ("binarynet_cnn", dict(convs_per_stage=100_000), "convs_per_stage"),
+        ("binarynet_cnn", dict(convs_per_stage=500), "convolutions"),  # 3 stages × 500 > 1000
+        ("binarynet_cnn", dict(fc_layers=100_000), "fc_layers"),
+        ("binarynet_cnn", dict(channels=(1,) * 100_000), "convolutions"),
+        ("binarynet_cnn", dict(channels=(1,) * 100, in_shape=(1, 4, 4)), "too small"),
+        ("binarynet_cnn", dict(channels=5), "channels"),
+        ("binarynet_cnn", dict(channels="128"), "channels"),
+        ("binarynet_cnn", dict(channels=()), "channels"),
+        ("binarynet_cnn", dict(channels=(8, 1.5)), "channels"),
+        ("binarynet_cnn", dict(pad_value="x"), "pad_value"),
+        ("binarynet_cnn", dict(pad_value=float("nan")), "pad_value"),
+        ("wrn_1bit", dict(depth=100_000), "depth"),
+        ("wrn_1bit", dict(depth=1004), "depth"),  # 6n + 2, beyond the layer limit
+        ("wrn_1bit", dict(depth=21), "6n + 2"),
+    ],
+)
+def test_depth_and_structure_limits(name, kwargs, word):
+    kwargs = {**small(name), **kwargs}
+    assert word in one_line_error(name, **kwargs)
+
+
+def test_allocation_failure_is_a_one_line_error_naming_model_and_size(monkeypatch):
+    from onebit.models import binarynet, wrn
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 67108864 bytes. Error code 12 (Cannot allocate memory)\nmore detail"
+        )
+
+    monkeypatch.setattr(binarynet, "QuantLinear", no_memory)
+    text = one_line_error("binarynet_mlp", hidden=64)
+    assert "model binarynet_mlp" in text and "memory" in text and f"{784 * 64 + 64 * 64 * 2 + 640:,} weights" in text
+
+    def memory_error(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(wrn, "QuantConv2d", memory_error)
+    text = one_line_error("wrn_1bit", width=1 / 16)
+    assert "model wrn_1bit" in text and "memory" in text and "weights" in text
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a programming error, not the user's")
+
+    monkeypatch.setattr(binarynet, "QuantConv2d", bug)
+    with pytest.raises(RuntimeError, match="programming error") as info:
+        create_model("binarynet_cnn", width=1 / 16)
+    assert not isinstance(info.value, OnebitError)
+
+
+@pytest.mark.parametrize("name", ["binarynet_mlp", "binarynet_cnn", "wrn_1bit"])
+@pytest.mark.parametrize(
+    "in_shape",
+    [5, "abc", None, (28, 28), (1, 2, 3, 4), (1.5, 28, 28), (True, 28, 28), (1, float("inf"), 28),
+     (0, 28, 28), (1, 2**40, 28), ("1", 28, 28)],
+)
+def test_in_shape_of_wrong_type_or_rank(name, in_shape):
+    assert "in_shape" in one_line_error(name, **small(name), in_shape=in_shape)
+
+
+@pytest.mark.parametrize("name", ["binarynet_mlp", "binarynet_cnn", "wrn_1bit"])
+@pytest.mark.parametrize("num_classes", ["x", 1.5, 0, -3, True, None, (10,), float("inf")])
+def test_num_classes_of_wrong_type(name, num_classes):
+    assert "num_classes" in one_line_error(name, **small(name), num_classes=num_classes)
+
+
+def test_layers_refuse_bad_clip_and_pad_value():
+    from onebit.errors import ConfigError
+
+    for clip in ("x", float("inf"), float("nan"), True):
+        with pytest.raises(ConfigError, match="weight_clip"):
+            QuantLinear(3, 2, weight_clip=clip)
+        with pytest.raises(ConfigError, match="weight_clip"):
+            QuantConv2d(3, 2, 3, weight_clip=clip)
+    for pad in ("x", float("inf"), None):
+        with pytest.raises(ConfigError, match="pad_value"):
+            QuantConv2d(3, 2, 3, padding=1, pad_value=pad)

@@ -26,6 +26,8 @@ The quantizers are child modules (shown in the repr, ``None`` for full precision
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -62,8 +64,11 @@ class QuantLayer:
     weight_clip: float | None
 
     def _init_quantization(self, input_quantizer, weight_quantizer, weight_clip: float | None) -> None:
-        if weight_clip is not None and not weight_clip > 0:
-            raise ConfigError(f"weight_clip must be positive or None, got {weight_clip!r}")
+        if weight_clip is not None and not (
+            isinstance(weight_clip, numbers.Real) and not isinstance(weight_clip, bool)
+            and math.isfinite(weight_clip) and weight_clip > 0
+        ):
+            raise ConfigError(f"weight_clip must be a positive finite number or None, got {weight_clip!r}"[:300])
         # registered even when None, so that assigning a quantizer later registers it too
         self.register_module("input_quantizer", get_quantizer(input_quantizer))
         self.register_module("weight_quantizer", get_quantizer(weight_quantizer))
@@ -135,6 +140,8 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, *args, **kwargs)
         self._init_quantization(input_quantizer, weight_quantizer, weight_clip)
+        if not (isinstance(pad_value, numbers.Real) and not isinstance(pad_value, bool) and math.isfinite(pad_value)):
+            raise ConfigError(f"pad_value must be a finite number, got {pad_value!r}"[:300])
         if pad_value != 0 and self.padding_mode != "zeros":
             raise ConfigError(
                 f"pad_value={pad_value} needs padding_mode='zeros' (it replaces the zeros), got {self.padding_mode!r}"

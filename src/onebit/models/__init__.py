@@ -38,7 +38,13 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs``.
 
     An unknown name raises :class:`onebit.errors.UnknownNameError` listing the valid names; an
-    unknown or invalid keyword raises :class:`onebit.errors.OnebitError`.
+    unknown or invalid keyword raises :class:`onebit.errors.OnebitError`. Sizes are checked
+    before anything is allocated: every size (an ``in_shape`` dimension, ``hidden``, a channel
+    count, ``num_classes``) at most 2^31, at most 1000 layers of one kind (``depth``, a CNN's
+    convolutions or FC layers) and at most 2^31 weights per model
+    (:data:`onebit.models.binarynet.MAX_WEIGHTS`); a larger model, quantizer arguments its
+    quantizer does not take and a failed allocation are a :class:`onebit.errors.ConfigError`
+    that names the model.
     """
     return MODELS.create(name, **kwargs)
 

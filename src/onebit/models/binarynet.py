@@ -32,12 +32,18 @@ github.com/MatthieuCourbariaux/BinaryNet):
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import operator
 from collections import OrderedDict
+from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import Sequence
 
+import torch
 from torch import nn
 
-from ..errors import OnebitError, ShapeError
+from ..errors import ConfigError, OnebitError, ShapeError
 from ..layers import QuantConv2d, QuantLinear
 from ..quantizers import get_quantizer
 from . import MODELS
@@ -48,27 +54,83 @@ _ACTIVATIONS = {"relu": nn.ReLU, "hardtanh": nn.Hardtanh}
 
 
 # --------------------------------------------------------------------------- helpers
+#: The most weights (the parameters of the QuantLinear/QuantConv2d layers) a model may have:
+#: 2^31, 8 GiB as float32, far beyond the paper models (BinaryNet's MLP has 37 M, WRN-20-10
+#: 27 M). Checked before anything is allocated, so that a mistyped size is an error at once.
+MAX_WEIGHTS = 2**31
+#: The largest single size (an ``in_shape`` dimension, ``hidden``, a channel count, ``num_classes``).
+MAX_SIZE = 2**31
+#: The most layers of one kind (MLP ``depth``, CNN convolutions or FC layers, WRN ``depth``).
+MAX_LAYERS = 1000
+
+
+class _ModelError(ConfigError):
+    """A user error about the model as a whole; :func:`build` names the model in it."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_shape(in_shape) -> tuple[int, int, int]:
+    if isinstance(in_shape, (str, bytes)):
+        raise ShapeError(f"in_shape must be (channels, height, width), got {in_shape!r}")
     try:
-        shape = tuple(int(d) for d in in_shape)
-    except (TypeError, ValueError):
-        raise ShapeError(f"in_shape must be (channels, height, width), got {in_shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise ShapeError(f"in_shape must be three positive sizes (channels, height, width), got {in_shape!r}")
+        dims = list(in_shape)
+        if any(isinstance(d, bool) for d in dims):
+            raise TypeError
+        shape = tuple(operator.index(d) for d in dims)
+    except TypeError:
+        raise ShapeError(f"in_shape must be (channels, height, width) as integers, got {in_shape!r}"[:300]) from None
+    if len(shape) != 3 or min(shape) < 1 or max(shape) > MAX_SIZE:
+        raise ShapeError(
+            f"in_shape must be three sizes in 1..{MAX_SIZE} (channels, height, width), got {in_shape!r}"[:300]
+        )
     return shape  # type: ignore[return-value]
 
 
-def _check_positive(name: str, value, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        bound = "≥ 0" if allow_zero else "≥ 1"
-        raise OnebitError(f"{name} must be an integer {bound}, got {value!r}")
-    return value
+def _check_positive(name: str, value, *, allow_zero: bool = False, maximum: int = MAX_SIZE) -> int:
+    low = 0 if allow_zero else 1
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or not low <= number <= maximum:
+        raise OnebitError(f"{name} must be an integer in {low}..{maximum}, got {value!r}"[:300])
+    return number
 
 
 def _check_rate(name: str, p: float) -> float:
-    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+    if not (_is_number(p) and 0.0 <= p < 1.0):
         raise OnebitError(f"{name} must be in [0, 1), got {p!r}")
     return float(p)
+
+
+def _check_flag(name: str, flag) -> bool:
+    if not isinstance(flag, bool):
+        raise OnebitError(f"{name} must be true or false, got {flag!r}")
+    return flag
+
+
+def _check_width(width) -> float:
+    if not (_is_number(width) and math.isfinite(width) and width > 0):
+        raise OnebitError(f"width must be a positive finite number, got {width!r}")
+    return float(width)
+
+
+def _check_clip(weight_clip) -> float | None:
+    if weight_clip is not None and not (_is_number(weight_clip) and math.isfinite(weight_clip) and weight_clip > 0):
+        raise OnebitError(f"weight_clip must be a positive finite number or None, got {weight_clip!r}")
+    return weight_clip
+
+
+def _check_batchnorm(bn_eps, bn_momentum) -> None:
+    if not (_is_number(bn_eps) and math.isfinite(bn_eps) and bn_eps > 0):
+        raise OnebitError(f"bn_eps must be a positive finite number, got {bn_eps!r}")
+    if bn_momentum is not None and not (_is_number(bn_momentum) and 0 <= bn_momentum <= 1):
+        raise OnebitError(f"bn_momentum must be a number in [0, 1] or None (a cumulative average), got {bn_momentum!r}")
 
 
 def _activation(name: str | None) -> nn.Module | None:
@@ -80,8 +142,42 @@ def _activation(name: str | None) -> nn.Module | None:
         raise OnebitError(f"unknown activation {name!r}; valid: {', '.join(sorted(_ACTIVATIONS))} or None") from None
 
 
-def _scaled(width: float, n: int) -> int:
-    return max(1, int(round(n * width)))
+def _scaled(width: float, n: int, what: str = "size") -> int:
+    size = n * width
+    if not size <= MAX_SIZE:
+        raise OnebitError(f"width={width:g} makes a {what} of {size:g}, more than {MAX_SIZE}")
+    return max(1, int(round(size)))
+
+
+def _check_weights(layers: list[tuple[str, int]]) -> int:
+    """The total weight count of ``layers`` (name, count), a :class:`_ModelError` beyond :data:`MAX_WEIGHTS`."""
+    total = sum(n for _, n in layers)
+    if total > MAX_WEIGHTS:
+        name, n = max(layers, key=lambda layer: layer[1])
+        raise _ModelError(
+            f"{total:,} weights are more than the limit of {MAX_WEIGHTS:,} (2^31) per model "
+            f"(the largest layer, {name}, has {n:,})"
+        )
+    return total
+
+
+@contextmanager
+def _allocating(weights: int):
+    """Turn an allocation failure while the model's layers are built into a one-line :class:`_ModelError`."""
+    try:
+        yield
+    except MemoryError:
+        raise _ModelError(f"not enough memory for its {weights:,} weights ({weights * 4 / 2**30:.1f} GiB as float32)") \
+            from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if not (isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text
+                or "out of memory" in text):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise _ModelError(
+            f"not enough memory for its {weights:,} weights ({weights * 4 / 2**30:.1f} GiB as float32): {first}"[:300]
+        ) from None
 
 
 def _finish(model: nn.Sequential, in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
@@ -92,23 +188,44 @@ def _finish(model: nn.Sequential, in_shape: tuple[int, int, int], num_classes: i
 
 
 def _quantizer(spec, args: dict | None, what: str):
-    """``spec`` for one layer: with ``args`` (``{"bits": 2}``) a fresh module ``get_quantizer(spec, **args)``."""
-    if not args:
+    """``spec`` for one layer: with ``args`` (``{"bits": 2}``) a fresh module ``get_quantizer(spec, **args)``.
+
+    Arguments the quantizer does not take (a TypeError or ValueError of its constructor) are a
+    :class:`_ModelError` naming ``{what}_args``.
+    """
+    if args is None:
         return spec
     if not isinstance(args, dict):
-        raise OnebitError(f"{what}_args must be a dict of quantizer arguments, got {args!r}")
+        raise OnebitError(f"{what}_args must be a dict of quantizer arguments, got {args!r}"[:300])
+    if not args:
+        return spec
     if spec is None:
-        raise OnebitError(f"{what}_args {args!r} given without a {what}")
-    return get_quantizer(spec, **args)
+        raise OnebitError(f"{what}_args {args!r} given without a {what}"[:300])
+    if not all(isinstance(key, str) for key in args):
+        raise OnebitError(f"{what}_args must map argument names to values, got {args!r}"[:300])
+    try:
+        return get_quantizer(spec, **args)
+    except OnebitError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _ModelError(f"{what}_args {args!r} do not fit the {spec!r} quantizer: {reason}"[:300]) from None
 
 
 def build(builder, name: str, kwargs: dict, **defaults) -> nn.Sequential:
-    """``builder(**{**defaults, **kwargs})``, with an unknown keyword a one-line user error."""
+    """``builder(**{**defaults, **kwargs})``, with an unknown keyword a one-line user error.
+
+    Errors about the model as a whole (too many weights, not enough memory, quantizer
+    arguments that do not fit) name the model.
+    """
     valid = [p for p in inspect.signature(builder).parameters]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise OnebitError(f"model {name} takes no argument {unknown[0]!r}; valid: {', '.join(valid)}")
-    return builder(**{**defaults, **kwargs})
+    try:
+        return builder(**{**defaults, **kwargs})
+    except _ModelError as exc:
+        raise ConfigError(f"model {name}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- architectures
@@ -140,16 +257,35 @@ def mlp(
     ``nn.Sequential`` of ``linear``, ``bn``, ``act``, ``dropout``.
     """
     in_shape = _check_shape(in_shape)
-    _check_positive("num_classes", num_classes)
-    _check_positive("hidden", hidden)
-    _check_positive("depth", depth, allow_zero=True)
+    num_classes = _check_positive("num_classes", num_classes)
+    hidden = _check_positive("hidden", hidden)
+    depth = _check_positive("depth", depth, allow_zero=True, maximum=MAX_LAYERS)
     dropout_in = _check_rate("dropout_in", dropout_in)
     dropout_hidden = _check_rate("dropout_hidden", dropout_hidden)
+    weight_clip = _check_clip(weight_clip)
+    _check_batchnorm(bn_eps, bn_momentum)
+    _check_flag("float_first_last", float_first_last)
     _activation(activation)  # validate early
     wq = lambda: _quantizer(weight_quantizer, weight_quantizer_args, "weight_quantizer")  # noqa: E731
     iq = lambda: _quantizer(input_quantizer, input_quantizer_args, "input_quantizer")  # noqa: E731
     wq(), iq()  # validate early
+    features = in_shape[0] * in_shape[1] * in_shape[2]
+    weights = _check_weights(
+        [("fc1", features * hidden)] * min(depth, 1)
+        + [(f"fc{k + 1}", hidden * hidden) for k in range(1, depth)]
+        + [("out", (hidden if depth else features) * num_classes)]
+    )
+    with _allocating(weights):
+        return _build_mlp(
+            in_shape=in_shape, num_classes=num_classes, hidden=hidden, depth=depth, dropout_in=dropout_in,
+            dropout_hidden=dropout_hidden, wq=wq, iq=iq, activation=activation, weight_clip=weight_clip,
+            bn_momentum=bn_momentum, bn_eps=bn_eps, float_first_last=float_first_last,
+        )
 
+
+def _build_mlp(*, in_shape, num_classes, hidden, depth, dropout_in, dropout_hidden, wq, iq, activation, weight_clip,
+               bn_momentum, bn_eps, float_first_last) -> nn.Sequential:
+    """:func:`mlp`'s layers, from checked arguments (``wq``, ``iq``: quantizer factories)."""
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     if dropout_in:
         layers.append(("dropout_in", nn.Dropout(dropout_in)))
@@ -229,25 +365,50 @@ def cnn(
     ``fc1`` … ``fc{fc_layers}`` (``linear``, ``bn``, [``act``]), ``out`` (``linear``, ``bn``).
     """
     in_shape = _check_shape(in_shape)
-    _check_positive("num_classes", num_classes)
-    _check_positive("convs_per_stage", convs_per_stage)
-    _check_positive("fc_units", fc_units)
-    _check_positive("fc_layers", fc_layers, allow_zero=True)
-    if not (isinstance(width, (int, float)) and width > 0):
-        raise OnebitError(f"width must be a positive number, got {width!r}")
-    stage_channels = [_scaled(width, _check_positive("channels", c)) for c in channels]
-    if not stage_channels:
+    num_classes = _check_positive("num_classes", num_classes)
+    convs_per_stage = _check_positive("convs_per_stage", convs_per_stage, maximum=MAX_LAYERS)
+    fc_units = _check_positive("fc_units", fc_units)
+    fc_layers = _check_positive("fc_layers", fc_layers, allow_zero=True, maximum=MAX_LAYERS)
+    width = _check_width(width)
+    if isinstance(channels, (str, bytes, dict)) or not isinstance(channels, Iterable):
+        raise OnebitError(f"channels must be a list of channel counts, one per stage, got {channels!r}"[:300])
+    channels = list(channels)
+    if not channels:
         raise OnebitError("channels must list at least one stage")
+    if len(channels) * convs_per_stage > MAX_LAYERS:
+        raise OnebitError(
+            f"{len(channels)} stages × convs_per_stage={convs_per_stage} make {len(channels) * convs_per_stage} "
+            f"convolutions, more than {MAX_LAYERS}"
+        )
+    stage_channels = [_scaled(width, _check_positive("channels", c), "channel count") for c in channels]
+    units = _scaled(width, fc_units, "fc_units")
+    weight_clip = _check_clip(weight_clip)
+    if not (_is_number(pad_value) and math.isfinite(pad_value)):
+        raise OnebitError(f"pad_value must be a finite number (0, -1 or 1), got {pad_value!r}")
+    _check_batchnorm(bn_eps, bn_momentum)
+    _check_flag("float_first_last", float_first_last)
     _activation(activation)
     wq = lambda: _quantizer(weight_quantizer, weight_quantizer_args, "weight_quantizer")  # noqa: E731
     iq = lambda: _quantizer(input_quantizer, input_quantizer_args, "input_quantizer")  # noqa: E731
     wq(), iq()  # validate early
     c, h, w = in_shape
-    if h >> len(stage_channels) < 1 or w >> len(stage_channels) < 1:
-        raise ShapeError(
-            f"input {h}x{w} is too small for {len(stage_channels)} 2x2 max-pools; "
-            f"it needs at least {1 << len(stage_channels)}x{1 << len(stage_channels)}"
-        )
+    pools = len(stage_channels)
+    if h >> pools < 1 or w >> pools < 1:
+        side = f"{1 << pools}x{1 << pools}" if pools < 64 else f"2^{pools} x 2^{pools}"
+        raise ShapeError(f"input {h}x{w} is too small for {pools} 2x2 max-pools; it needs at least {side}")
+
+    sizes: list[tuple[str, int]] = []  # the weight count of every layer, checked before any is built
+    c_in = c
+    for out_channels in stage_channels:
+        for _ in range(convs_per_stage):
+            sizes.append((f"conv{len(sizes) + 1}", c_in * out_channels * 9))
+            c_in = out_channels
+    features = c_in * (h >> pools) * (w >> pools)
+    for k in range(fc_layers):
+        sizes.append((f"fc{k + 1}", features * units))
+        features = units
+    sizes.append(("out", features * num_classes))
+    weights = _check_weights(sizes)
 
     def block(name: str, module: nn.Module, norm: nn.Module, pool: bool) -> nn.Sequential:
         parts: list[tuple[str, nn.Module]] = [(name, module)]
@@ -259,50 +420,49 @@ def cnn(
             parts.append(("act", act))
         return nn.Sequential(OrderedDict(parts))
 
-    layers: list[tuple[str, nn.Module]] = []
-    index = 0
-    for out_channels in stage_channels:
-        for j in range(convs_per_stage):
-            first = index == 0
-            index += 1
-            conv = QuantConv2d(
-                c,
-                out_channels,
-                3,
-                padding=1,
-                bias=False,
-                input_quantizer=None if first else iq(),
-                weight_quantizer=None if first and float_first_last else wq(),
-                weight_clip=None if first and float_first_last else weight_clip,
-                pad_value=pad_value if (not first and input_quantizer is not None) else 0.0,
+    with _allocating(weights):
+        layers: list[tuple[str, nn.Module]] = []
+        index = 0
+        for out_channels in stage_channels:
+            for j in range(convs_per_stage):
+                first = index == 0
+                index += 1
+                conv = QuantConv2d(
+                    c,
+                    out_channels,
+                    3,
+                    padding=1,
+                    bias=False,
+                    input_quantizer=None if first else iq(),
+                    weight_quantizer=None if first and float_first_last else wq(),
+                    weight_clip=None if first and float_first_last else weight_clip,
+                    pad_value=pad_value if (not first and input_quantizer is not None) else 0.0,
+                )
+                norm = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
+                layers.append((f"conv{index}", block("conv", conv, norm, pool=j == convs_per_stage - 1)))
+                c = out_channels
+            h, w = h // 2, w // 2
+        layers.append(("flatten", nn.Flatten()))
+        features = c * h * w
+        for k in range(fc_layers):
+            linear = QuantLinear(
+                features, units, bias=False, input_quantizer=iq(),
+                weight_quantizer=wq(), weight_clip=weight_clip,
             )
-            norm = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
-            layers.append((f"conv{index}", block("conv", conv, norm, pool=j == convs_per_stage - 1)))
-            c = out_channels
-        h, w = h // 2, w // 2
-    layers.append(("flatten", nn.Flatten()))
-    features = c * h * w
-    units = _scaled(width, fc_units)
-    for k in range(fc_layers):
-        linear = QuantLinear(
-            features, units, bias=False, input_quantizer=iq(),
-            weight_quantizer=wq(), weight_clip=weight_clip,
+            norm = nn.BatchNorm1d(units, eps=bn_eps, momentum=bn_momentum)
+            layers.append((f"fc{k + 1}", block("linear", linear, norm, pool=False)))
+            features = units
+        out = QuantLinear(
+            features,
+            num_classes,
+            bias=False,
+            input_quantizer=None if float_first_last else iq(),
+            weight_quantizer=None if float_first_last else wq(),
+            weight_clip=None if float_first_last else weight_clip,
         )
-        norm = nn.BatchNorm1d(units, eps=bn_eps, momentum=bn_momentum)
-        layers.append((f"fc{k + 1}", block("linear", linear, norm, pool=False)))
-        features = units
-    out = QuantLinear(
-        features,
-        num_classes,
-        bias=False,
-        input_quantizer=None if float_first_last else iq(),
-        weight_quantizer=None if float_first_last else wq(),
-        weight_clip=None if float_first_last else weight_clip,
-    )
-    layers.append(
-        ("out", nn.Sequential(OrderedDict(linear=out, bn=nn.BatchNorm1d(num_classes, eps=bn_eps, momentum=bn_momentum))))
-    )
-    return _finish(nn.Sequential(OrderedDict(layers)), in_shape, num_classes)
+        out_norm = nn.BatchNorm1d(num_classes, eps=bn_eps, momentum=bn_momentum)
+        layers.append(("out", nn.Sequential(OrderedDict(linear=out, bn=out_norm))))
+        return _finish(nn.Sequential(OrderedDict(layers)), in_shape, num_classes)
 
 
 # --------------------------------------------------------------------------- registered models

@@ -75,7 +75,19 @@ from torch import Tensor, nn
 from ..errors import OnebitError
 from ..layers import QuantConv2d
 from . import MODELS
-from .binarynet import _check_positive, _check_shape, _finish, build
+from .binarynet import (
+    MAX_LAYERS,
+    _allocating,
+    _check_batchnorm,
+    _check_flag,
+    _check_positive,
+    _check_shape,
+    _check_weights,
+    _check_width,
+    _finish,
+    _scaled,
+    build,
+)
 
 __all__ = ["Downsample", "PreActBlock", "float_wrn", "wrn", "wrn_1bit"]
 
@@ -109,12 +121,6 @@ class PreActBlock(nn.Module):
         return self.unit2(self.unit1(x)) + self.shortcut(x)
 
 
-def _width(width) -> float:
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-        raise OnebitError(f"width must be a positive number, got {width!r}")
-    return float(width)
-
-
 def wrn(
     in_shape: Sequence[int] = (3, 32, 32),
     num_classes: int = 10,
@@ -137,16 +143,24 @@ def wrn(
     ``relu``, ``conv``, ``bn_out``, ``pool``, ``flatten``).
     """
     in_shape = _check_shape(in_shape)
-    _check_positive("num_classes", num_classes)
-    _check_positive("depth", depth)
+    num_classes = _check_positive("num_classes", num_classes)
+    depth = _check_positive("depth", depth, maximum=MAX_LAYERS)
     if depth < 8 or (depth - 2) % 6:
-        raise OnebitError(f"WRN depth must be 6n + 2 with n ≥ 1 (8, 14, 20, 26, ...), got {depth}")
-    base = max(1, int(round(16 * _width(width))))
+        raise OnebitError(f"WRN depth must be 6n + 2 with n ≥ 1 (8, 14, 20, 26, ... {MAX_LAYERS - 2}), got {depth}")
+    base = _scaled(_check_width(width), 16, "stem width")
     for name, flag in (("binary_weights", binary_weights), ("bn_affine", bn_affine), ("input_bn_affine", input_bn_affine)):
-        if not isinstance(flag, bool):
-            raise OnebitError(f"{name} must be true or false, got {flag!r}")
+        _check_flag(name, flag)
+    _check_batchnorm(bn_eps, bn_momentum)
     n = (depth - 2) // 6
     quantizer = "he_sign" if binary_weights else None
+    c = in_shape[0]
+    sizes = [("stem", c * base * 9)]  # the weight count of every convolution, checked before any is built
+    for stage, channels in enumerate((base, 2 * base, 4 * base), start=1):
+        sizes += [(f"stage{stage}.block1", (c + channels) * channels * 9)]
+        sizes += [(f"stage{stage}.block{b + 1}", 2 * channels * channels * 9) for b in range(1, n)]
+        c = channels
+    sizes.append(("head", c * num_classes))
+    weights = _check_weights(sizes)
 
     def conv(c_in: int, c_out: int, k: int, stride: int = 1) -> QuantConv2d:
         layer = QuantConv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False, weight_quantizer=quantizer)
@@ -159,24 +173,27 @@ def wrn(
     def unit(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
         return nn.Sequential(OrderedDict(bn=norm(c_in, bn_affine), relu=nn.ReLU(), conv=conv(c_in, c_out, k, stride)))
 
-    c = in_shape[0]
-    layers: list[tuple[str, nn.Module]] = [
-        ("stem", nn.Sequential(OrderedDict(bn=norm(c, input_bn_affine), conv=conv(c, base, 3))))
-    ]
-    c = base
-    for stage, channels in enumerate((base, 2 * base, 4 * base), start=1):
-        blocks = []
-        for b in range(n):
-            stride = 2 if stage > 1 and b == 0 else 1
-            shortcut = Downsample(channels - c) if stride == 2 else nn.Identity()
-            blocks.append((f"block{b + 1}", PreActBlock(unit(c, channels, 3, stride), unit(channels, channels), shortcut)))
-            c = channels
-        layers.append((f"stage{stage}", nn.Sequential(OrderedDict(blocks))))
-    head = unit(c, num_classes, k=1)
-    head.add_module("bn_out", norm(num_classes, bn_affine))
-    head.add_module("pool", nn.AdaptiveAvgPool2d(1))
-    head.add_module("flatten", nn.Flatten())
-    layers.append(("head", head))
+    with _allocating(weights):
+        c = in_shape[0]
+        layers: list[tuple[str, nn.Module]] = [
+            ("stem", nn.Sequential(OrderedDict(bn=norm(c, input_bn_affine), conv=conv(c, base, 3))))
+        ]
+        c = base
+        for stage, channels in enumerate((base, 2 * base, 4 * base), start=1):
+            blocks = []
+            for b in range(n):
+                stride = 2 if stage > 1 and b == 0 else 1
+                shortcut = Downsample(channels - c) if stride == 2 else nn.Identity()
+                blocks.append(
+                    (f"block{b + 1}", PreActBlock(unit(c, channels, 3, stride), unit(channels, channels), shortcut))
+                )
+                c = channels
+            layers.append((f"stage{stage}", nn.Sequential(OrderedDict(blocks))))
+        head = unit(c, num_classes, k=1)
+        head.add_module("bn_out", norm(num_classes, bn_affine))
+        head.add_module("pool", nn.AdaptiveAvgPool2d(1))
+        head.add_module("flatten", nn.Flatten())
+        layers.append(("head", head))
     model = _finish(nn.Sequential(OrderedDict(layers)), in_shape, num_classes)
     model.depth = depth
     model.width = width
