@@ -12,11 +12,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import pickle
 import struct
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +173,15 @@ def mat_bytes(variables: list[tuple[str, int, tuple[int, ...], int, bytes]]) -> 
                 + _mat_element(1, name.encode("ascii")) + _mat_element(stored, data))
         out += _mat_element(14, body)
     return out
+
+
+@contextlib.contextmanager
+def memory_bound(limit: int):
+    """Peak Python/numpy allocation inside the block must stay below ``limit`` bytes."""
+    tracemalloc.start()
+    try:
+        yield
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"peak allocation {peak} bytes, limit {limit}"

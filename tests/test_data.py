@@ -1,7 +1,6 @@
 """onebit.data: upstream formats, lookup order, downloads (never the network), corruption, batching."""
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -13,7 +12,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import tracemalloc
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -44,6 +42,7 @@ from datafixtures import (
     make_idx_dataset,
     make_svhn,
     mat_bytes,
+    memory_bound,
     py2_pickle,
     write_idx,
 )
@@ -483,18 +482,6 @@ def test_cifar_missing_offline(tmp_path, isolated):
     assert isolated == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
 
 
-@contextlib.contextmanager
-def allocation_below(limit: int):
-    """Peak Python/numpy allocation inside the block must stay below ``limit`` bytes."""
-    tracemalloc.start()
-    try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak allocation {peak} bytes, limit {limit}"
-
-
 @pytest.mark.parametrize("blob", [
     b"\x80\x02}r" + struct.pack("<I", 1 << 25) + b".",  # LONG_BINPUT: the memo grew to 2·index pointers
     b"\x80\x02}r" + struct.pack("<I", 2**32 - 1) + b".",  # ... 64 GiB
@@ -503,7 +490,7 @@ def allocation_below(limit: int):
     b"\x80\x02}q\x00]q\x00q\x07.",  # a later index past the count of stores
 ])
 def test_pickle_forged_memo_index_is_refused_before_allocating(blob):
-    with allocation_below(1 << 20), pytest.raises(DataError, match="not a valid CIFAR pickle: memo index") as err:
+    with memory_bound(1 << 20), pytest.raises(DataError, match="not a valid CIFAR pickle: memo index") as err:
         D._safe_unpickle(blob, "evil")
     assert "\n" not in str(err.value)
 

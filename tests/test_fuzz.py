@@ -17,7 +17,6 @@ surface ran to that file (docs/reliability.md quotes them). The bugs found are p
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import gzip
 import io
@@ -28,7 +27,6 @@ import pickle
 import struct
 import tarfile
 import tempfile
-import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -46,7 +44,7 @@ from onebit.engine import kernels, load
 from onebit.errors import CheckpointError, DataError, FormatError
 from onebit.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 
-from datafixtures import idx_bytes, make_cifar10, make_svhn, py2_pickle
+from datafixtures import idx_bytes, make_cifar10, make_svhn, memory_bound, py2_pickle
 
 FAST_EXAMPLES = 40
 SLOW_EXAMPLES = 2000
@@ -86,18 +84,6 @@ def _quiet_and_isolated(tmp_path, monkeypatch):
 def one_line(exc: BaseException) -> None:
     text = str(exc)
     assert text and "\n" not in text, f"not a one-line message: {text!r}"
-
-
-@contextlib.contextmanager
-def memory_bound(limit: int):
-    """Peak Python/numpy allocation inside the block must stay below ``limit`` bytes."""
-    tracemalloc.start()
-    try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak allocation {peak} bytes, limit {limit}"
 
 
 # --------------------------------------------------------------------------- mutations
