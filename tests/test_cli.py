@@ -302,3 +302,11 @@ def test_report_and_robustness_check_their_outputs_before_writing_any(tiny_check
     plot = tmp_path / "r.png"
     assert main(["robustness", str(tiny_checkpoint), "--plot", str(plot), "--json", str(folder), "--limit", "20"]) == 2
     assert "it is a folder" in capsys.readouterr().err and not plot.exists()
+
+
+def test_command_line_syntax_errors_are_one_line(capsys):
+    for argv in (["run", "m.onebit", "--batch-size", "0"], ["train", "--epochs", "x"], ["nosuch"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--help" in err, err

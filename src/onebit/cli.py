@@ -333,8 +333,15 @@ def cmd_quantizers(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other user error of onebit (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onebit", description="Train and deploy binarized neural networks.")
+    parser = _Parser(prog="onebit", description="Train and deploy binarized neural networks.")
     parser.add_argument("--version", action="version", version=f"onebit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

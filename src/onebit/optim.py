@@ -90,7 +90,8 @@ def binarynet_lr_scale(weight: torch.Tensor) -> float:
         self.W_LR_scale = np.float32(1./np.sqrt(1.5 / (num_inputs + num_units)))
 
     and, for DenseLayer, ``1./np.sqrt(1.5/ (num_inputs + num_units))`` with the layer's input and
-    output widths. H is the bound of Glorot's uniform initialisation.
+    output widths. H is half the bound of Glorot's uniform initialisation, sqrt(6 / (fan_in + fan_out)),
+    as BinaryNet's code has it (its "Glorot" H).
     """
     receptive = math.prod(weight.shape[2:]) if weight.ndim > 2 else 1
     fan_in = weight.shape[1] * receptive

@@ -6,8 +6,10 @@ ReLU activations after each BatchNorm instead of sign inputs, as in the authors'
 (github.com/MatthieuCourbariaux/BinaryConnect, ``mnist.py``: BatchNormLayer with
 ``nonlinearity=rectify``; 3 hidden layers of 2048 units, no dropout). Weights are binarized
 deterministically (``"sign"``) by default; ``weight_quantizer="stochastic_sign"`` gives the
-paper's stochastic BinaryConnect (+1 with probability hard_sigmoid(w)). Latent weights are
-clipped to [−1, 1].
+paper's stochastic BinaryConnect in training (+1 with probability hard_sigmoid(w)). At test
+time the paper's code uses the real-valued weights; onebit evaluates sign(w), the binary
+network that exports (with batch-norm statistics re-estimated for it, see
+:func:`onebit.layers.recompute_batchnorm`). Latent weights are clipped to [−1, 1].
 """
 from __future__ import annotations
 
