@@ -305,6 +305,9 @@ def test_memory_section_lists_runs_that_measured_their_peak(tmp_path):
 
     plain = report.Run(path=tmp_path / "old", result={"test_accuracy": 0.9, "epochs": 2},
                        config={"model": "binarynet_mlp", "dataset": "digits"}, history=[], model_kwargs={})
+    from_checkpoint = wrn_run("wrn_ckpt", None)  # a folder with last.pt: its model_kwargs hold the input shape
+    from_checkpoint.model_kwargs.update(in_shape=[1, 8, 8], num_classes=10)
+    assert report._saved_activation_mib(from_checkpoint) == report._saved_activation_mib(wrn_run("wrn", None)) > 0
     text = report.render_markdown([wrn_run("wrn_comp", "stochastic"), wrn_run("wrn", None), plain], {})
     section = text.split("## Memory and time per epoch", 1)[1]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in section.splitlines() if line.startswith("| wrn")}

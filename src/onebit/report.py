@@ -270,7 +270,8 @@ def _saved_activation_mib(run: Run) -> float | None:
     from .train import TrainConfig, model_kwargs_for
 
     try:
-        kwargs = model_kwargs_for(TrainConfig(model=run.model, dataset=run.dataset, model_kwargs=dict(run.model_kwargs)))
+        # a checkpoint's model_kwargs hold in_shape and num_classes too, which a TrainConfig refuses
+        kwargs = {**model_kwargs_for(TrainConfig(model=run.model, dataset=run.dataset)), **run.model_kwargs}
         kwargs["in_shape"] = tuple(kwargs["in_shape"])
         model = create_model(run.model, **kwargs)
         batch = torch.zeros(int(run.config["batch_size"]), *kwargs["in_shape"])
