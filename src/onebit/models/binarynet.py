@@ -276,63 +276,53 @@ def mlp(
         + [("out", (hidden if depth else features) * num_classes)]
     )
     with _allocating(weights):
-        return _build_mlp(
-            in_shape=in_shape, num_classes=num_classes, hidden=hidden, depth=depth, dropout_in=dropout_in,
-            dropout_hidden=dropout_hidden, wq=wq, iq=iq, activation=activation, weight_clip=weight_clip,
-            bn_momentum=bn_momentum, bn_eps=bn_eps, float_first_last=float_first_last,
-        )
-
-
-def _build_mlp(*, in_shape, num_classes, hidden, depth, dropout_in, dropout_hidden, wq, iq, activation, weight_clip,
-               bn_momentum, bn_eps, float_first_last) -> nn.Sequential:
-    """:func:`mlp`'s layers, from checked arguments (``wq``, ``iq``: quantizer factories)."""
-    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
-    if dropout_in:
-        layers.append(("dropout_in", nn.Dropout(dropout_in)))
-    width = in_shape[0] * in_shape[1] * in_shape[2]
-    for k in range(depth):
-        first = k == 0
-        block: list[tuple[str, nn.Module]] = [
-            (
-                "linear",
-                QuantLinear(
-                    width,
-                    hidden,
-                    bias=False,
-                    input_quantizer=None if first else iq(),
-                    weight_quantizer=None if first and float_first_last else wq(),
-                    weight_clip=None if first and float_first_last else weight_clip,
-                ),
-            ),
-            ("bn", nn.BatchNorm1d(hidden, eps=bn_eps, momentum=bn_momentum)),
-        ]
-        act = _activation(activation)
-        if act is not None:
-            block.append(("act", act))
-        if dropout_hidden:
-            block.append(("dropout", nn.Dropout(dropout_hidden)))
-        layers.append((f"fc{k + 1}", nn.Sequential(OrderedDict(block))))
-        width = hidden
-    last_input = None if depth == 0 or float_first_last else iq()
-    layers.append(
-        (
-            "out",
-            nn.Sequential(
-                OrderedDict(
-                    linear=QuantLinear(
+        layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+        if dropout_in:
+            layers.append(("dropout_in", nn.Dropout(dropout_in)))
+        width = features
+        for k in range(depth):
+            first = k == 0
+            block: list[tuple[str, nn.Module]] = [
+                (
+                    "linear",
+                    QuantLinear(
                         width,
-                        num_classes,
+                        hidden,
                         bias=False,
-                        input_quantizer=last_input,
-                        weight_quantizer=None if float_first_last else wq(),
-                        weight_clip=None if float_first_last else weight_clip,
+                        input_quantizer=None if first else iq(),
+                        weight_quantizer=None if first and float_first_last else wq(),
+                        weight_clip=None if first and float_first_last else weight_clip,
                     ),
-                    bn=nn.BatchNorm1d(num_classes, eps=bn_eps, momentum=bn_momentum),
-                )
-            ),
+                ),
+                ("bn", nn.BatchNorm1d(hidden, eps=bn_eps, momentum=bn_momentum)),
+            ]
+            act = _activation(activation)
+            if act is not None:
+                block.append(("act", act))
+            if dropout_hidden:
+                block.append(("dropout", nn.Dropout(dropout_hidden)))
+            layers.append((f"fc{k + 1}", nn.Sequential(OrderedDict(block))))
+            width = hidden
+        last_input = None if depth == 0 or float_first_last else iq()
+        layers.append(
+            (
+                "out",
+                nn.Sequential(
+                    OrderedDict(
+                        linear=QuantLinear(
+                            width,
+                            num_classes,
+                            bias=False,
+                            input_quantizer=last_input,
+                            weight_quantizer=None if float_first_last else wq(),
+                            weight_clip=None if float_first_last else weight_clip,
+                        ),
+                        bn=nn.BatchNorm1d(num_classes, eps=bn_eps, momentum=bn_momentum),
+                    )
+                ),
+            )
         )
-    )
-    return _finish(nn.Sequential(OrderedDict(layers)), in_shape, num_classes)
+        return _finish(nn.Sequential(OrderedDict(layers)), in_shape, num_classes)
 
 
 def cnn(
