@@ -42,12 +42,26 @@ __all__ = [
     "QuantConv2d",
     "QuantLayer",
     "QuantLinear",
+    "check_weight_clip",
     "clip_latent_weights",
+    "finite_number",
     "has_stochastic_quantizer",
     "recompute_batchnorm",
 ]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def finite_number(value) -> bool:
+    """Whether ``value`` is a real, finite number (not a bool, a string or NaN): for user arguments."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_weight_clip(weight_clip) -> float | None:
+    """``weight_clip`` if it is a positive finite number or None, else a :class:`ConfigError`."""
+    if weight_clip is not None and not (finite_number(weight_clip) and weight_clip > 0):
+        raise ConfigError(f"weight_clip must be a positive finite number or None, got {weight_clip!r}"[:300])
+    return weight_clip
 
 
 def _quantize(quantizer: nn.Module | None, x: Tensor) -> Tensor:
@@ -64,11 +78,7 @@ class QuantLayer:
     weight_clip: float | None
 
     def _init_quantization(self, input_quantizer, weight_quantizer, weight_clip: float | None) -> None:
-        if weight_clip is not None and not (
-            isinstance(weight_clip, numbers.Real) and not isinstance(weight_clip, bool)
-            and math.isfinite(weight_clip) and weight_clip > 0
-        ):
-            raise ConfigError(f"weight_clip must be a positive finite number or None, got {weight_clip!r}"[:300])
+        check_weight_clip(weight_clip)
         # registered even when None, so that assigning a quantizer later registers it too
         self.register_module("input_quantizer", get_quantizer(input_quantizer))
         self.register_module("weight_quantizer", get_quantizer(weight_quantizer))
@@ -140,7 +150,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, *args, **kwargs)
         self._init_quantization(input_quantizer, weight_quantizer, weight_clip)
-        if not (isinstance(pad_value, numbers.Real) and not isinstance(pad_value, bool) and math.isfinite(pad_value)):
+        if not finite_number(pad_value):
             raise ConfigError(f"pad_value must be a finite number, got {pad_value!r}"[:300])
         if pad_value != 0 and self.padding_mode != "zeros":
             raise ConfigError(

@@ -32,8 +32,6 @@ github.com/MatthieuCourbariaux/BinaryNet):
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 import operator
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -44,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, OnebitError, ShapeError
-from ..layers import QuantConv2d, QuantLinear
+from ..layers import QuantConv2d, QuantLinear, check_weight_clip, finite_number
 from ..quantizers import get_quantizer
 from . import MODELS
 
@@ -66,10 +64,6 @@ MAX_LAYERS = 1000
 
 class _ModelError(ConfigError):
     """A user error about the model as a whole; :func:`build` names the model in it."""
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_shape(in_shape) -> tuple[int, int, int]:
@@ -103,7 +97,7 @@ def _check_positive(name: str, value, *, allow_zero: bool = False, maximum: int 
 
 
 def _check_rate(name: str, p: float) -> float:
-    if not (_is_number(p) and 0.0 <= p < 1.0):
+    if not (finite_number(p) and 0.0 <= p < 1.0):
         raise OnebitError(f"{name} must be in [0, 1), got {p!r}")
     return float(p)
 
@@ -115,21 +109,15 @@ def _check_flag(name: str, flag) -> bool:
 
 
 def _check_width(width) -> float:
-    if not (_is_number(width) and math.isfinite(width) and width > 0):
+    if not (finite_number(width) and width > 0):
         raise OnebitError(f"width must be a positive finite number, got {width!r}")
     return float(width)
 
 
-def _check_clip(weight_clip) -> float | None:
-    if weight_clip is not None and not (_is_number(weight_clip) and math.isfinite(weight_clip) and weight_clip > 0):
-        raise OnebitError(f"weight_clip must be a positive finite number or None, got {weight_clip!r}")
-    return weight_clip
-
-
 def _check_batchnorm(bn_eps, bn_momentum) -> None:
-    if not (_is_number(bn_eps) and math.isfinite(bn_eps) and bn_eps > 0):
+    if not (finite_number(bn_eps) and bn_eps > 0):
         raise OnebitError(f"bn_eps must be a positive finite number, got {bn_eps!r}")
-    if bn_momentum is not None and not (_is_number(bn_momentum) and 0 <= bn_momentum <= 1):
+    if bn_momentum is not None and not (finite_number(bn_momentum) and 0 <= bn_momentum <= 1):
         raise OnebitError(f"bn_momentum must be a number in [0, 1] or None (a cumulative average), got {bn_momentum!r}")
 
 
@@ -262,7 +250,7 @@ def mlp(
     depth = _check_positive("depth", depth, allow_zero=True, maximum=MAX_LAYERS)
     dropout_in = _check_rate("dropout_in", dropout_in)
     dropout_hidden = _check_rate("dropout_hidden", dropout_hidden)
-    weight_clip = _check_clip(weight_clip)
+    weight_clip = check_weight_clip(weight_clip)
     _check_batchnorm(bn_eps, bn_momentum)
     _check_flag("float_first_last", float_first_last)
     _activation(activation)  # validate early
@@ -372,8 +360,8 @@ def cnn(
         )
     stage_channels = [_scaled(width, _check_positive("channels", c), "channel count") for c in channels]
     units = _scaled(width, fc_units, "fc_units")
-    weight_clip = _check_clip(weight_clip)
-    if not (_is_number(pad_value) and math.isfinite(pad_value)):
+    weight_clip = check_weight_clip(weight_clip)
+    if not finite_number(pad_value):
         raise OnebitError(f"pad_value must be a finite number (0, -1 or 1), got {pad_value!r}")
     _check_batchnorm(bn_eps, bn_momentum)
     _check_flag("float_first_last", float_first_last)
