@@ -283,6 +283,30 @@ def test_custom_layouts_are_bit_exact(path, tmp_path):
     assert_logits_close(engine.predict(x.numpy()), logits)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_conv_pool_threshold_runs_fused_and_bit_exact(path, tmp_path, monkeypatch):
+    """conv2 → pool2 (integers, padded) → bn2 → sign2 of the custom model — 70 channels with
+    γ < 0, γ = 0 and thresholds on reachable dots — runs as conv_threshold + a max-pool of
+    bits in predict, with the same logits as the ops run one by one."""
+    torch.manual_seed(1)
+    model = randomize_bn(custom_model(), (3, 16, 16), seed=5, ties=True)
+    export_model(model, tmp_path / "custom.onebit")
+    kernels.set_path(path)
+    engine = load(tmp_path / "custom.onebit")
+    fused_channels = []
+    conv_threshold = kernels.BinaryConv2d.conv_threshold
+
+    def spy(self, x, scale, thresh, threads=0):
+        fused_channels.append(len(scale))
+        return conv_threshold(self, x, scale, thresh, threads)
+
+    monkeypatch.setattr(kernels.BinaryConv2d, "conv_threshold", spy)
+    for n in (1, 7, 33):
+        x = grid_input(n, (3, 16, 16), seed=n).numpy()
+        np.testing.assert_array_equal(engine.predict(x), engine.trace(x)[-1].value)
+    assert fused_channels == [70] * 3
+
+
 def test_xnor_and_binaryconnect_models_follow_pytorch(tmp_path):
     """Real-valued parts (XNOR's α and β, BinaryConnect's ReLU activations) run in float: close, not bit-exact."""
     cases = [("xnor_mlp", dict(hidden=64)), ("xnor_cnn", dict(in_shape=(1, 28, 28), width=0.2, fc_units=64)),

@@ -12,7 +12,9 @@ reads the values the graph names (the previous op's output, or earlier ones: res
 connections); a value is dropped after its last reader. A binary ``dense``/``conv`` followed
 by ``threshold`` (or by a plain ``affine``) that alone reads it runs as one fused kernel call
 (``gemm_threshold`` / ``conv_threshold`` / ``*_affine``), which computes exactly what the two
-steps compute one after the other (:meth:`Model.trace` runs them apart).
+steps compute one after the other (:meth:`Model.trace` runs them apart); so does a conv →
+max-pool → threshold (BinaryNet's conv → pool → BN → sign), as ``conv_threshold`` and a max-pool
+of the bits instead of a max-pool of integers.
 
 **Pixel path.** When the file records ``input_levels`` L (the training pipeline fed
 x = ((p / L)·2) − 1 of integer pixels p ∈ [0, L], :func:`pixels_to_inputs`) and the graph
@@ -222,6 +224,7 @@ class _Step:
     scale: np.ndarray | None = None  # threshold: direction s
     thresh: np.ndarray | None = None  # threshold: t
     mul: np.ndarray | None = None  # affine
+    pool_bits: Callable[[np.ndarray], np.ndarray] | None = None  # maxpool: its max-pool of bits
     add: np.ndarray | None = None
     # the pixel path of a real-input binary dense/conv (files with input_levels): pixel_sums maps
     # uint8 pixels (engine layout) to the exact S = Σ_k p_k·s_k in the op's output layout, and
@@ -344,18 +347,12 @@ class Model:
             run = self._prepare_conv(step, params, inp, t["weight"])
         elif op == "maxpool":
             (kh, kw), (sh, sw), (ph, pw) = params["kernel"], params["stride"], params["padding"]
+            step.pool_bits = _max_pool_bits(inp.channels, (kh, kw), (sh, sw), (ph, pw), threads)
             if inp.kind == "bits":
-                c = inp.channels
-                pad_word = _keep_mask(c)  # all −1 (the neutral element of max) on valid bits
+                pool_bits = step.pool_bits
 
                 def run(x, beta):
-                    if ph or pw:
-                        b, h, w, cw = x.shape
-                        xp = np.empty((b, h + 2 * ph, w + 2 * pw, cw), dtype=np.uint64)
-                        xp[...] = pad_word
-                        xp[:, ph:ph + h, pw:pw + w] = x & pad_word
-                        x = xp
-                    return kernels.maxpool_bits(np.ascontiguousarray(x), (kh, kw), (sh, sw), threads), beta
+                    return pool_bits(x), beta
             else:
                 def run(x, beta):
                     return _pool(x, kh, kw, sh, sw, ph, pw), beta
@@ -535,7 +532,7 @@ class Model:
 
     def _fuse(self, start: int) -> list[_Call]:
         """The calls of predict from step ``start`` on: binary dense/conv + threshold / plain
-        affine as one kernel call."""
+        affine as one kernel call, binary conv + max-pool + threshold as two."""
         plan: list[_Call] = []
         steps = self._steps
         i = start
@@ -545,6 +542,12 @@ class Model:
             nxt = steps[i + 1] if i + 1 < len(steps) and self._feeds_next_only(i + 1) else None
             kernel = step.kernel
             binary = step.op in ("dense", "conv") and step.inp.kind == "bits" and kernel is not None
+            after = steps[i + 2] if nxt is not None and i + 2 < len(steps) and self._feeds_next_only(i + 2) else None
+            if binary and step.op == "conv" and after is not None and nxt.op == "maxpool" and after.op == "threshold":
+                plan.append(_Call(_fused_pool_threshold(kernel, nxt.pool_bits, after.scale, after.thresh, threads),
+                                  step.sources, after.index))
+                i += 3
+                continue
             if binary and nxt is not None and nxt.op == "threshold":
                 plan.append(_Call(_fused_threshold(kernel, step.op, nxt.scale, nxt.thresh, threads),
                                   step.sources, nxt.index))
@@ -666,6 +669,42 @@ def _fused_threshold(kernel, op: str, scale: np.ndarray, thresh: np.ndarray, thr
     def run(x, beta):
         return call(np.ascontiguousarray(x), scale, thresh, threads), None
     return run
+
+
+def _fused_pool_threshold(conv, pool_bits: Callable[[np.ndarray], np.ndarray], scale: np.ndarray,
+                          thresh: np.ndarray, threads: int) -> Callable:
+    """conv → max-pool of its integers → threshold, as one ``conv_threshold``, then a max-pool of
+    bits. The rule s·dot < t (bit 1 ↔ −1) is monotone in the dot: where s ≥ 0 the bit of the
+    maximum is the AND of the window's bits, where s < 0 their OR. Those channels are computed
+    with the complementary rule dot < 1 − t (= ¬(−dot < t) on integers), so that one AND — the
+    max-pool of bits — serves every channel, and their pooled bits are flipped back."""
+    negative = scale < 0
+    up_scale = np.abs(scale).astype(np.int8)
+    up_thresh = np.where(negative, np.clip(1 - thresh.astype(np.int64), _INT_MIN, np.iinfo(np.int32).max),
+                         thresh).astype(np.int32)
+    flip = _pack_bool(negative)
+
+    def run(x, beta):
+        return pool_bits(conv.conv_threshold(np.ascontiguousarray(x), up_scale, up_thresh, threads)) ^ flip, None
+    return run
+
+
+def _max_pool_bits(channels: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                   threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Max-pool of NHWC bits (``channels`` per pixel, packed in words): the padded cells are −1,
+    the neutral element of max."""
+    ph, pw = padding
+    pad_word = _keep_mask(channels)  # all −1 on the valid bits
+
+    def pool(x: np.ndarray) -> np.ndarray:
+        if ph or pw:
+            b, h, w, cw = x.shape
+            xp = np.empty((b, h + 2 * ph, w + 2 * pw, cw), dtype=np.uint64)
+            xp[...] = pad_word
+            xp[:, ph:ph + h, pw:pw + w] = x & pad_word
+            x = xp
+        return kernels.maxpool_bits(np.ascontiguousarray(x), kernel, stride, threads)
+    return pool
 
 
 def _fused_affine(kernel, op: str, mul: np.ndarray, add: np.ndarray, threads: int) -> Callable:
