@@ -245,8 +245,9 @@ def test_bitplane_gemm(path, M):
 @pytest.mark.parametrize("M", [1, 3, 64])
 def test_float_gemm_binary(path, M):
     rng = np.random.default_rng(40 + M)
-    for K in (1, 63, 65, 200):
-        for N in (1, 5, 65):
+    for K, Ns in ((1, (1, 5, 65)), (63, (1, 5, 65)), (65, (1, 5, 65)), (200, (1, 5, 65)),
+                  (4161, (9,))):  # 4161: kernels that cut K into chunks of 4096 carry across
+        for N in Ns:
             x = rng.standard_normal((M, K)).astype(np.float32)
             w = rand_pm1(rng, (N, K))
             bm = kn.BinaryMatrix(pack_pm1(w), K)

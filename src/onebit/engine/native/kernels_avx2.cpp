@@ -127,51 +127,66 @@ struct SignLut {
 };
 const SignLut kSignLut;
 
-template <int R>
-ONEBIT_T2_INLINE void float_micro_avx2(const float* x, std::size_t ldx, const std::uint64_t* w,
-                                       std::size_t K, std::size_t KW, std::size_t ldw,
-                                       float* out, std::size_t ldo) {
-    __m256 acc[R];
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-    alignas(64) std::uint8_t masks[64];
-    for (std::size_t c = 0; c < KW; ++c) {
-        // masks[b] bit j = bit b of row j's word c
-        __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + c * ldw));
-        __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + c * ldw + 4));
+// Sign masks of one panel (8 output rows) for words c0 .. c0+nw-1: masks[64 c + b] bit j =
+// bit b of row j's word c0 + c, the index of that k's entry in kSignLut.
+ONEBIT_T2_INLINE void panel_masks_avx2(const std::uint64_t* w, std::size_t ldw, std::size_t c0,
+                                       std::size_t nw, std::uint8_t* masks) {
+    for (std::size_t c = 0; c < nw; ++c) {
+        __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + (c0 + c) * ldw));
+        __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + (c0 + c) * ldw + 4));
         for (int b = 63; b >= 0; --b) {  // t << (63 - b) puts bit b at the sign position
             const unsigned lo = unsigned(_mm256_movemask_pd(_mm256_castsi256_pd(t0)));
             const unsigned hi = unsigned(_mm256_movemask_pd(_mm256_castsi256_pd(t1)));
-            masks[b] = static_cast<std::uint8_t>(lo | (hi << 4));
+            masks[64 * c + std::size_t(b)] = static_cast<std::uint8_t>(lo | (hi << 4));
             t0 = _mm256_slli_epi64(t0, 1);
             t1 = _mm256_slli_epi64(t1, 1);
         }
-        // masks[63] was taken from the unshifted words (bit 63), masks[62] after one shift, ...
-        const std::size_t k0 = c * 64;
-        const int nb = int(K - k0 < 64 ? K - k0 : 64);
-        for (int b = 0; b < nb; ++b) {
-            const __m256i sm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSignLut.v[masks[b]]));
+    }
+}
+
+// R rows x one panel over k = k0 .. k0+nk-1; the accumulators start at 0 when k0 == 0 and
+// are carried through out[] between chunks (a float32 store and load changes nothing, so each
+// output is still one accumulator adding its terms in increasing k).
+template <int R>
+ONEBIT_T2_INLINE void float_micro_avx2(const float* x, std::size_t ldx, const std::uint8_t* masks,
+                                       std::size_t k0, std::size_t nk, float* out, std::size_t ldo) {
+    __m256 acc[R];
 #pragma GCC unroll 8
-            for (int i = 0; i < R; ++i) {
-                const __m256 xb = _mm256_set1_ps(x[std::size_t(i) * ldx + k0 + b]);
-                acc[i] = _mm256_add_ps(acc[i], _mm256_xor_ps(xb, _mm256_castsi256_ps(sm)));
-            }
+    for (int i = 0; i < R; ++i)
+        acc[i] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out + std::size_t(i) * ldo);
+    for (std::size_t k = 0; k < nk; ++k) {
+        const __m256i sm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSignLut.v[masks[k]]));
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+            const __m256 xb = _mm256_set1_ps(x[std::size_t(i) * ldx + k0 + k]);
+            acc[i] = _mm256_add_ps(acc[i], _mm256_xor_ps(xb, _mm256_castsi256_ps(sm)));
         }
     }
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(out + std::size_t(i) * ldo, acc[i]);
 }
 
+// K is cut into chunks of CHUNK_WORDS words whose panel masks (4 KiB) stay in L1 while every
+// row block of the tile reuses them.
+constexpr std::size_t CHUNK_WORDS = 64;
+
 ONEBIT_T2 void float_tile_avx2(const float* x, std::size_t ldx, int m, const std::uint64_t* w,
                                std::size_t K, std::size_t KW, int npan, float* out,
                                std::size_t ldo) {
     const std::size_t ldw = std::size_t(npan) * PANEL;
+    alignas(64) std::uint8_t masks[64 * CHUNK_WORDS];
     for (int p = 0; p < npan; ++p) {
-        int i = 0;
-        for (; i + 4 <= m; i += 4)
-            float_micro_avx2<4>(x + std::size_t(i) * ldx, ldx, w + PANEL * p, K, KW, ldw, out + std::size_t(i) * ldo + PANEL * p, ldo);
-        for (; i < m; ++i)
-            float_micro_avx2<1>(x + std::size_t(i) * ldx, ldx, w + PANEL * p, K, KW, ldw, out + std::size_t(i) * ldo + PANEL * p, ldo);
+        for (std::size_t c0 = 0; c0 < KW; c0 += CHUNK_WORDS) {
+            const std::size_t nw = KW - c0 < CHUNK_WORDS ? KW - c0 : CHUNK_WORDS;
+            panel_masks_avx2(w + PANEL * p, ldw, c0, nw, masks);
+            const std::size_t k0 = 64 * c0, nk = (K - k0 < 64 * nw) ? K - k0 : 64 * nw;
+            float* o = out + PANEL * p;
+            int i = 0;
+            for (; i + 4 <= m; i += 4)
+                float_micro_avx2<4>(x + std::size_t(i) * ldx, ldx, masks, k0, nk, o + std::size_t(i) * ldo, ldo);
+            for (; i < m; ++i)
+                float_micro_avx2<1>(x + std::size_t(i) * ldx, ldx, masks, k0, nk, o + std::size_t(i) * ldo, ldo);
+        }
     }
 }
 
