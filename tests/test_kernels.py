@@ -328,6 +328,28 @@ def test_maxpool_bits(path, shape, kernel, stride):
     np.testing.assert_array_equal(got, pack_pm1(expect))
 
 
+@pytest.mark.parametrize("M, P", [(1, 1), (6, 1), (6, 3), (64, 16)])
+def test_outside_bits_equal_the_sums_compared(path, M, P):
+    """bitplane_gemm_outside / float_gemm_binary_outside: bit n of row m is 1 iff the sum the
+    plain call returns lies outside [lo[m % P, n], hi[m % P, n]], bounds on and around the sums."""
+    rng = np.random.default_rng(90 + M + P)
+    for K, N in ((27, 5), (200, 65), (784, 130)):
+        w = rand_pm1(rng, (N, K))
+        bm = kn.BinaryMatrix(pack_pm1(w), K)
+        x = rng.integers(0, 256, size=(M, K), dtype=np.uint8)
+        for dtype, plain, outside in (("int32", kn.bitplane_gemm, kn.bitplane_gemm_outside),
+                                      ("float32", kn.float_gemm_binary, kn.float_gemm_binary_outside)):
+            xs = x if dtype == "int32" else x.astype(np.float32)
+            sums = plain(xs, bm)
+            some = sums[rng.integers(0, M, size=(P, N)), np.arange(N)]  # sums of other rows
+            lo = (some + rng.integers(-1, 2, size=(P, N))).astype(dtype)
+            hi = (lo + rng.integers(0, 3000, size=(P, N))).astype(dtype)
+            rows = np.arange(M) % P
+            got = outside(xs, bm, lo, hi)
+            assert got.dtype == np.uint64 and got.shape == (M, words(N))
+            np.testing.assert_array_equal(got, pack_pm1(np.where((sums < lo[rows]) | (sums > hi[rows]), -1, 1)))
+
+
 # ---------------------------------------------------------------------------- errors
 def test_bad_inputs_raise_shape_error(path):
     rng = np.random.default_rng(70)
@@ -355,6 +377,15 @@ def test_bad_inputs_raise_shape_error(path):
         lambda: kn.bitplane_gemm(np.zeros((2, K + 1), np.uint8), bm),
         lambda: kn.float_gemm_binary(np.zeros((2, K), np.float64), bm),
         lambda: kn.float_gemm_binary(np.zeros((2, K - 1), np.float32), bm),
+        lambda: kn.bitplane_gemm_outside(np.zeros((2, K), np.uint8), bm, t[None], t[None].astype(np.float32)),
+        lambda: kn.bitplane_gemm_outside(np.zeros((2, K), np.uint8), bm, t[None], t[None, :-1]),
+        lambda: kn.bitplane_gemm_outside(np.zeros((2, K), np.uint8), bm, t, t),  # 1-D bounds
+        lambda: kn.bitplane_gemm_outside(np.zeros((2, K), np.uint8), bm, np.zeros((3, N), np.int32),
+                                         np.zeros((3, N), np.int32)),  # P = 3 does not divide M = 2
+        lambda: kn.bitplane_gemm_outside(np.zeros((2, K + 1), np.uint8), bm, t[None], t[None]),
+        lambda: kn.float_gemm_binary_outside(np.zeros((2, K), np.float32), bm, t[None], t[None]),  # int32 bounds
+        lambda: kn.float_gemm_binary_outside(np.zeros((2, K), np.float32), bm, np.zeros((0, N), np.float32),
+                                             np.zeros((0, N), np.float32)),
         lambda: kn.pack_signs(np.zeros((2, K), np.float64)),
         lambda: kn.pack_signs(np.zeros((2, 0), np.float32)),
         lambda: kn.BinaryConv2d(np.zeros((4, 3, 3, 1), np.uint64), 65, 3, 3),  # CW mismatch

@@ -169,12 +169,22 @@ def _pixel_values(sums: np.ndarray, base: np.ndarray, levels: int) -> np.ndarray
 _FLOAT_SUMS_MAX_K = 32
 
 
-def _pixel_gemm(matrix: kernels.BinaryMatrix, threads: int) -> tuple[Callable[[np.ndarray], np.ndarray], np.dtype]:
-    """(uint8 [M, K] → S = Σ_k p_k·s_k [M, N] exactly, the dtype S comes in): int32 from the
-    bit planes, or float32 holding exact integers for a small K."""
+_PixelSums = Callable[[np.ndarray], np.ndarray]
+_PixelOutside = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _pixel_gemm(matrix: kernels.BinaryMatrix, threads: int) -> tuple[_PixelSums, _PixelOutside, np.dtype]:
+    """(uint8 [M, K] → S = Σ_k p_k·s_k [M, N] exactly; (pixels, lo, hi) → the bits of S outside
+    [lo, hi], bounds [P, N] as in :func:`~onebit.engine.kernels.bitplane_gemm_outside`; the
+    dtype of S and of the bounds): int32 from the bit planes, or float32 holding exact integers
+    for a small K."""
     if matrix.K <= _FLOAT_SUMS_MAX_K:
-        return lambda p: kernels.float_gemm_binary(p.astype(np.float32), matrix, threads), np.dtype(np.float32)
-    return lambda p: kernels.bitplane_gemm(np.ascontiguousarray(p), matrix, threads), np.dtype(np.int32)
+        return (lambda p: kernels.float_gemm_binary(p.astype(np.float32), matrix, threads),
+                lambda p, lo, hi: kernels.float_gemm_binary_outside(p.astype(np.float32), matrix, lo, hi, threads),
+                np.dtype(np.float32))
+    return (lambda p: kernels.bitplane_gemm(np.ascontiguousarray(p), matrix, threads),
+            lambda p, lo, hi: kernels.bitplane_gemm_outside(np.ascontiguousarray(p), matrix, lo, hi, threads),
+            np.dtype(np.int32))
 
 
 def _least(pred: Callable[[np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -229,7 +239,8 @@ class _Step:
     # the pixel path of a real-input binary dense/conv (files with input_levels): pixel_sums maps
     # uint8 pixels (engine layout) to the exact S = Σ_k p_k·s_k in the op's output layout, and
     # the op's float32 output is _pixel_values(S, pixel_base, L)
-    pixel_sums: Callable[[np.ndarray], np.ndarray] | None = None
+    pixel_sums: _PixelSums | None = None
+    pixel_outside: _PixelOutside | None = None  # (pixels, lo, hi) → the bits of S outside [lo, hi]
     pixel_dtype: np.dtype | None = None  # of S: int32, or float32 holding exact integers
     pixel_base: np.ndarray | None = None
     pixel_reach: int = 0  # max |S|: 255·K
@@ -425,7 +436,7 @@ class Model:
         step.kernel = matrix
         if inp.kind == "float":
             if self._pixels_fit(k):
-                step.pixel_sums, step.pixel_dtype = _pixel_gemm(matrix, threads)
+                step.pixel_sums, step.pixel_outside, step.pixel_dtype = _pixel_gemm(matrix, threads)
                 weight_sums = k - 2 * _unpack(weight, k).sum(axis=1, dtype=np.int64)  # Σ_k s_k per output
                 step.pixel_base = float(self.input_levels) * weight_sums
                 step.pixel_reach = 255 * k
@@ -460,10 +471,14 @@ class Model:
             pad_value = float(params["pad_value"])
             if self._pixels_fit(k):
                 levels = float(self.input_levels)
-                gemm, step.pixel_dtype = _pixel_gemm(matrix, threads)
+                gemm, gemm_outside, step.pixel_dtype = _pixel_gemm(matrix, threads)
 
                 def pixel_sums(p):  # pixel im2col pads with p = 0; the base below accounts for it
                     return gemm(_im2col(p, kh, kw, sh, sw, ph, pw, 0)).reshape(p.shape[0], ho, wo, o)
+
+                def pixel_outside(p, lo, hi):
+                    cols = _im2col(p, kh, kw, sh, sw, ph, pw, 0)
+                    return gemm_outside(cols, lo, hi).reshape(p.shape[0], ho, wo, -1)
 
                 # y = Σ_inside s_k·x_k + v·Σ_pad s_k with x_k = (2·p_k − L)/L and S = Σ_inside s_k·p_k:
                 # y = (2·S − L·Σ_all s_k + L·(1 + v)·Σ_pad s_k)/L. Σ_pad depends on the output pixel.
@@ -472,7 +487,8 @@ class Model:
                 if (ph or pw) and pad_value != -1.0:
                     outside = kernels._outside_tap_sums(taps, h, w, (sh, sw), (ph, pw))  # [Ho, Wo, O]
                     base = base - levels * (1.0 + pad_value) * outside
-                step.pixel_sums, step.pixel_base, step.pixel_reach = pixel_sums, base, 255 * k
+                step.pixel_sums, step.pixel_outside = pixel_sums, pixel_outside
+                step.pixel_base, step.pixel_reach = base, 255 * k
 
             def run(x, beta):
                 cols = _im2col(x, kh, kw, sh, sw, ph, pw, pad_value)
@@ -511,13 +527,14 @@ class Model:
         plan = [_Call(s.run, s.sources, s.index) for s in steps[:first]]
         nxt = steps[first + 1] if first + 1 < len(steps) else None
         if nxt is not None and nxt.op == "threshold" and self._feeds_next_only(first + 1):
-            # as S's dtype: exact, as |bounds| ≤ 255·K + 1 (< 2^24 where S is float32)
-            lo, hi = (b.astype(layer.pixel_dtype) for b in _pixel_bounds(base, levels, nxt.scale, nxt.thresh,
-                                                                        layer.pixel_reach))
+            # as S's dtype: exact, as |bounds| ≤ 255·K + 1 (< 2^24 where S is float32); [P, N]:
+            # one row per output pixel of a conv whose padding makes them differ, else one
+            lo, hi = (np.ascontiguousarray(b.astype(layer.pixel_dtype).reshape(-1, b.shape[-1]))
+                      for b in _pixel_bounds(base, levels, nxt.scale, nxt.thresh, layer.pixel_reach))
+            outside = layer.pixel_outside
 
             def fused(p, beta):
-                s = sums(p)
-                return _pack_bool((s < lo) | (s > hi)), None
+                return outside(p, lo, hi), None
             plan += [_Call(fused, layer.sources, nxt.index), *self._fuse(first + 2)]
         else:
             plan += [_Call(run, layer.sources, layer.index), *self._fuse(first + 1)]

@@ -21,7 +21,8 @@ Semantics that are easy to get wrong:
 * :func:`float_gemm_binary`: each output is one float32 accumulator starting at 0.0 to which
   ``±x[k]`` is added for k = 0, 1, …, K−1 in that order (exact sign flips, one rounding per add).
 * :func:`bitplane_gemm`: uint8 × ±1, the exact int32 sum (|sum| ≤ 255·K), from the 8 bit
-  planes of x: the engine runs a first layer on 8-bit pixels with it.
+  planes of x: the engine runs a first layer on 8-bit pixels with it; ``*_outside`` variants
+  return bits (1 iff the sum lies outside per-output integer bounds) instead of the sums.
 * Padding bits beyond K in an activation row (beyond C in each conv pixel) are ignored; weights
   are masked at construction.
 * :class:`BinaryConv2d` ``pad_value``: +1 / −1 pad with real ±1 values; 0 pads with zeros
@@ -49,8 +50,10 @@ __all__ = [
     "BinaryMatrix",
     "available_paths",
     "bitplane_gemm",
+    "bitplane_gemm_outside",
     "current_path",
     "float_gemm_binary",
+    "float_gemm_binary_outside",
     "maxpool_bits",
     "native_available",
     "pack_signs",
@@ -350,6 +353,40 @@ def float_gemm_binary(x: np.ndarray, w: "BinaryMatrix", threads: int = 0) -> np.
         xk = x[:, k : k + 1]
         acc += np.where(neg[None, :, k], -xk, xk)
     return acc
+
+
+def bitplane_gemm_outside(x: np.ndarray, w: "BinaryMatrix", lo: np.ndarray, hi: np.ndarray,
+                          threads: int = 0) -> np.ndarray:
+    """uint8[M, K] × BinaryMatrix, int32 ``lo``/``hi`` [P, N] → uint64[M, ceil(N/64)]: bit n of
+    row m is 1 iff the exact sum of :func:`bitplane_gemm` lies outside [lo[r, n], hi[r, n]],
+    r = m mod P (a conv's im2col rows cycle through its P output pixels). The sums never
+    leave the kernel: the engine's first layer on pixels with its threshold folded into bounds.
+    """
+    threads = _threads(threads)
+    if _native_matrix(w):
+        return _native_call(_native.bitplane_gemm_outside, x, w._nat, lo, hi, threads)
+    return _outside_bits(bitplane_gemm(x, w, threads), lo, hi, "int32")
+
+
+def float_gemm_binary_outside(x: np.ndarray, w: "BinaryMatrix", lo: np.ndarray, hi: np.ndarray,
+                              threads: int = 0) -> np.ndarray:
+    """:func:`float_gemm_binary`, then bits as in :func:`bitplane_gemm_outside` (float32 ``lo``/``hi``)."""
+    threads = _threads(threads)
+    if _native_matrix(w):
+        return _native_call(_native.float_gemm_binary_outside, x, w._nat, lo, hi, threads)
+    return _outside_bits(float_gemm_binary(x, w, threads), lo, hi, "float32")
+
+
+def _outside_bits(sums: np.ndarray, lo: Any, hi: Any, dtype: str) -> np.ndarray:
+    M, N = sums.shape
+    lo, hi = _array(lo, "lo", dtype, 2), _array(hi, "hi", dtype, 2)
+    if lo.shape[1] != N or hi.shape != lo.shape:
+        raise ShapeError(f"lo and hi must both have shape (P, {N}), got {lo.shape} and {hi.shape}")
+    P = lo.shape[0]
+    if P < 1 or M % P:
+        raise ShapeError(f"lo and hi must have a number of rows P >= 1 that divides the {M} rows of x, got P={P}")
+    rows = np.arange(M) % P
+    return _pack_bool((sums < lo[rows]) | (sums > hi[rows]))
 
 
 #: the largest K: dot products are int32, and K − 2·popcount must not overflow (as in the native code)

@@ -418,13 +418,41 @@ py::array maxpool_bits_py(const py::handle& x_obj, const py::handle& kernel, con
     return std::move(out);
 }
 
-py::array bitplane_gemm_py(const py::handle& x_obj, const BinaryMatrix& w, int threads) {
-    check_threads(threads);
+// x of bitplane_gemm*: uint8 [M, K]; |sum| <= 255·K must fit int32
+py::array_t<std::uint8_t, py::array::c_style> bitplane_input(const py::handle& x_obj, const BinaryMatrix& w) {
     auto x = get<std::uint8_t>(x_obj, "x", 2);
     if (x.shape(1) != w.K())
         fail("x has " + std::to_string(x.shape(1)) + " features, the matrix expects K=" + std::to_string(w.K()));
-    if (255 * w.K() >= (std::int64_t(1) << 31))  // |sum| <= 255·K must fit int32
+    if (255 * w.K() >= (std::int64_t(1) << 31))
         fail("bitplane_gemm needs 255*K < 2^31, got K=" + std::to_string(w.K()));
+    return x;
+}
+
+py::array_t<float, py::array::c_style> float_input(const py::handle& x_obj, const BinaryMatrix& w) {
+    auto x = get<float>(x_obj, "x", 2);
+    if (x.shape(1) != w.K())
+        fail("x has " + std::to_string(x.shape(1)) + " features, the matrix expects K=" + std::to_string(w.K()));
+    return x;
+}
+
+// lo / hi of an *_outside call: alike, [P, N], P >= 1 dividing the M rows of x
+template <class T>
+std::pair<py::array_t<T, py::array::c_style>, py::array_t<T, py::array::c_style>> outside_bounds(
+    const py::handle& lo_obj, const py::handle& hi_obj, std::int64_t M, std::int64_t N) {
+    auto lo = get<T>(lo_obj, "lo", 2);
+    auto hi = get<T>(hi_obj, "hi", 2);
+    if (lo.shape(1) != N || hi.shape(0) != lo.shape(0) || hi.shape(1) != N)
+        fail("lo and hi must both have shape (P, " + std::to_string(N) + "), got " + shape_str(lo) + " and " +
+             shape_str(hi));
+    if (lo.shape(0) < 1 || M % lo.shape(0) != 0)
+        fail("lo and hi must have a number of rows P >= 1 that divides the " + std::to_string(M) +
+             " rows of x, got P=" + std::to_string(lo.shape(0)));
+    return {lo, hi};
+}
+
+py::array bitplane_gemm_py(const py::handle& x_obj, const BinaryMatrix& w, int threads) {
+    check_threads(threads);
+    auto x = bitplane_input(x_obj, w);
     const std::int64_t M = x.shape(0);
     py::array_t<std::int32_t> out({M, w.N()});
     const std::uint8_t* xp = x.data();
@@ -436,11 +464,26 @@ py::array bitplane_gemm_py(const py::handle& x_obj, const BinaryMatrix& w, int t
     return std::move(out);
 }
 
+py::array bitplane_gemm_outside_py(const py::handle& x_obj, const BinaryMatrix& w, const py::handle& lo_obj,
+                                   const py::handle& hi_obj, int threads) {
+    check_threads(threads);
+    auto x = bitplane_input(x_obj, w);
+    const std::int64_t M = x.shape(0);
+    auto bounds = outside_bounds<std::int32_t>(lo_obj, hi_obj, M, w.N());
+    py::array_t<std::uint64_t> out({M, (w.N() + 63) / 64});
+    const OutsideBits<std::int32_t> o{bounds.first.data(), bounds.second.data(), bounds.first.shape(0),
+                                      out.mutable_data()};
+    const std::uint8_t* xp = x.data();
+    {
+        py::gil_scoped_release nogil;
+        bitplane_driver(xp, M, w.packed(), nullptr, threads, &o);
+    }
+    return std::move(out);
+}
+
 py::array float_gemm_binary_py(const py::handle& x_obj, const BinaryMatrix& w, int threads) {
     check_threads(threads);
-    auto x = get<float>(x_obj, "x", 2);
-    if (x.shape(1) != w.K())
-        fail("x has " + std::to_string(x.shape(1)) + " features, the matrix expects K=" + std::to_string(w.K()));
+    auto x = float_input(x_obj, w);
     const std::int64_t M = x.shape(0);
     py::array_t<float> out({M, w.N()});
     const float* xp = x.data();
@@ -448,6 +491,22 @@ py::array float_gemm_binary_py(const py::handle& x_obj, const BinaryMatrix& w, i
     {
         py::gil_scoped_release nogil;
         float_driver(xp, M, w.packed(), op, threads);
+    }
+    return std::move(out);
+}
+
+py::array float_gemm_binary_outside_py(const py::handle& x_obj, const BinaryMatrix& w, const py::handle& lo_obj,
+                                       const py::handle& hi_obj, int threads) {
+    check_threads(threads);
+    auto x = float_input(x_obj, w);
+    const std::int64_t M = x.shape(0);
+    auto bounds = outside_bounds<float>(lo_obj, hi_obj, M, w.N());
+    py::array_t<std::uint64_t> out({M, (w.N() + 63) / 64});
+    const OutsideBits<float> o{bounds.first.data(), bounds.second.data(), bounds.first.shape(0), out.mutable_data()};
+    const float* xp = x.data();
+    {
+        py::gil_scoped_release nogil;
+        float_driver(xp, M, w.packed(), nullptr, threads, &o);
     }
     return std::move(out);
 }
@@ -492,6 +551,14 @@ PYBIND11_MODULE(_native, m) {
           py::arg("threads") = 0, "Max pool of packed NHWC +-1 activations: AND of the window's bits.");
     m.def("bitplane_gemm", &bitplane_gemm_py, py::arg("x"), py::arg("w"), py::arg("threads") = 0,
           "uint8[M, K] x BinaryMatrix -> int32[M, N], exact sum_k x_k * w_k.");
+    m.def("bitplane_gemm_outside", &bitplane_gemm_outside_py, py::arg("x"), py::arg("w"), py::arg("lo"),
+          py::arg("hi"), py::arg("threads") = 0,
+          "uint8[M, K] x BinaryMatrix, int32 lo/hi [P, N] -> uint64[M, ceil(N/64)]: bit n of row m is 1 iff "
+          "sum_k x_k * w_k lies outside [lo[m % P, n], hi[m % P, n]].");
+    m.def("float_gemm_binary_outside", &float_gemm_binary_outside_py, py::arg("x"), py::arg("w"), py::arg("lo"),
+          py::arg("hi"), py::arg("threads") = 0,
+          "float32[M, K] x BinaryMatrix, float32 lo/hi [P, N] -> uint64[M, ceil(N/64)]: bit n of row m is 1 iff "
+          "the float_gemm_binary sum lies outside [lo[m % P, n], hi[m % P, n]].");
     m.def("float_gemm_binary", &float_gemm_binary_py, py::arg("x"), py::arg("w"), py::arg("threads") = 0,
           "float32[M, K] x BinaryMatrix -> float32[M, N]; float32 sum in increasing k per output.");
 

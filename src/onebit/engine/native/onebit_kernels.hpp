@@ -110,6 +110,17 @@ struct KernelTable {
                            std::int32_t* tcmp, std::uint64_t* flip);
 };
 
+// 64 bytes of 0/1 -> one word, byte j -> bit j (little endian: 8 bytes per multiply).
+__attribute__((always_inline)) inline std::uint64_t pack_bytes64(const std::uint8_t* bytes) {
+    std::uint64_t word = 0;
+    for (int q = 0; q < 8; ++q) {
+        std::uint64_t v;
+        __builtin_memcpy(&v, bytes + 8 * q, 8);
+        word |= ((v * 0x0102040810204080ULL) >> 56) << (8 * q);
+    }
+    return word;
+}
+
 // Generic body of threshold_prep, inlined into each path's function so that it is
 // auto-vectorised for that path's ISA.
 template <class S>
@@ -129,13 +140,7 @@ __attribute__((always_inline)) inline bool threshold_prep_body(const S* s, const
         const int cnt = int(N - n0 < 64 ? N - n0 : 64);
         std::uint8_t neg[64] = {0};
         for (int j = 0; j < cnt; ++j) neg[j] = std::uint8_t(s[n0 + j] < 0);
-        std::uint64_t word = 0;
-        for (int q = 0; q < 8; ++q) {  // 8 bytes of 0/1 -> 8 bits, byte j -> bit j (little endian)
-            std::uint64_t v;
-            __builtin_memcpy(&v, neg + 8 * q, 8);
-            word |= ((v * 0x0102040810204080ULL) >> 56) << (8 * q);
-        }
-        flip[w] = word;
+        flip[w] = pack_bytes64(neg);
     }
     return bad == 0;
 }
@@ -195,11 +200,23 @@ int resolve_threads(int threads);
 void gemm_driver(const std::uint64_t* a, std::size_t lda, std::int64_t M,
                  const PackedWeights& W, const OutSpec& out, int threads);
 
+// Output of a sum as bits: bit c of word g of row m = (v < lo[r][n]) | (v > hi[r][n]) for
+// n = 64 g + c, r = m % P (a conv's im2col rows cycle through its P = Ho·Wo output pixels).
+template <class T>
+struct OutsideBits {
+    const T* lo = nullptr;  // [P][N]
+    const T* hi = nullptr;  // [P][N]
+    std::int64_t P = 1;
+    std::uint64_t* bits = nullptr;  // [M][ceil(N/64)]
+};
+
+// out: int32 [M][N], or (outside != null) outside->bits instead
 void bitplane_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights& W,
-                     std::int32_t* out, int threads);
+                     std::int32_t* out, int threads,
+                     const OutsideBits<std::int32_t>* outside = nullptr);
 
 void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float* out,
-                  int threads);
+                  int threads, const OutsideBits<float>* outside = nullptr);
 
 struct ConvGeom {
     std::int64_t B, H, W, C, CW, O, kh, kw, sh, sw, ph, pw, Ho, Wo;

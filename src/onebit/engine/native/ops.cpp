@@ -215,8 +215,24 @@ void gemm_driver(const std::uint64_t* a, std::size_t lda, std::int64_t M, const 
     run_grid(kt, a, lda, M, W, out, threads, fix);
 }
 
+namespace {
+
+// one word of OutsideBits for the n <= 64 values v of row m, group g
+template <class T>
+std::uint64_t outside_word(const OutsideBits<T>& o, const T* v, std::int64_t m, std::int64_t N,
+                           std::int64_t g, int n) {
+    const std::int64_t r = (m % o.P) * N + g * GROUP;
+    const T* lo = o.lo + r;
+    const T* hi = o.hi + r;
+    alignas(8) std::uint8_t out[64] = {0};
+    for (int c = 0; c < n; ++c) out[c] = std::uint8_t((v[c] < lo[c]) | (v[c] > hi[c]));
+    return pack_bytes64(out);
+}
+
+}  // namespace
+
 void bitplane_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights& W,
-                     std::int32_t* out, int threads) {
+                     std::int32_t* out, int threads, const OutsideBits<std::int32_t>* outside) {
     if (M <= 0) return;
     const KernelTable& kt = current_table();
     const std::int64_t K = W.K, KW = W.KW, N = W.N, G = W.ngroups;
@@ -247,18 +263,23 @@ void bitplane_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights&
             const std::int64_t n0 = g * GROUP;
             for (int i = 0; i < rc / 8; ++i) {
                 const std::int64_t m = r0 / 8 + i;
-                std::int32_t* o = out + m * N + n0;
+                std::int32_t sums[GROUP];
                 for (int c = 0; c < ncols; ++c) {
                     std::int32_t v = 0;
                     for (int b = 0; b < 8; ++b) v += tile[std::size_t(8 * i + b) * GROUP + std::size_t(c)] << b;
-                    o[c] = v - 255 * W.row_popcount[std::size_t(n0 + c)];
+                    sums[c] = v - 255 * W.row_popcount[std::size_t(n0 + c)];
                 }
+                if (outside)
+                    outside->bits[m * G + g] = outside_word(*outside, sums, m, N, g, ncols);
+                else
+                    std::memcpy(out + m * N + n0, sums, sizeof(std::int32_t) * std::size_t(ncols));
             }
         }
     }
 }
 
-void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float* out, int threads) {
+void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float* out, int threads,
+                  const OutsideBits<float>* outside) {
     if (M <= 0) return;
     const KernelTable& kt = current_table();
     const std::int64_t K = W.K, N = W.N, G = W.ngroups;
@@ -279,9 +300,13 @@ void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float*
             kt.float_tile(x + std::size_t(m0) * std::size_t(K), std::size_t(K), mc, W.group(g),
                           std::size_t(K), std::size_t(W.KW), W.group_panels(g), tile.get(), GROUP);
             const int ncols = W.group_cols(g);
-            for (int i = 0; i < mc; ++i)
-                std::memcpy(out + (m0 + i) * N + g * GROUP, tile.get() + std::size_t(i) * GROUP,
-                            sizeof(float) * std::size_t(ncols));
+            for (int i = 0; i < mc; ++i) {
+                const float* sums = tile.get() + std::size_t(i) * GROUP;
+                if (outside)
+                    outside->bits[(m0 + i) * G + g] = outside_word(*outside, sums, m0 + i, N, g, ncols);
+                else
+                    std::memcpy(out + (m0 + i) * N + g * GROUP, sums, sizeof(float) * std::size_t(ncols));
+            }
         }
     }
 }
