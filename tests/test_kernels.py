@@ -228,10 +228,10 @@ def test_matrix_roundtrip_and_noncontiguous(path):
 
 
 # ---------------------------------------------------------------------------- first layer
-@pytest.mark.parametrize("M", [1, 3, 64])
+@pytest.mark.parametrize("M", [1, 3, 7, 8, 37, 64])  # below 8 rows bit planes, from 8 int8 multiply-adds
 def test_bitplane_gemm(path, M):
     rng = np.random.default_rng(30 + M)
-    for K in (1, 63, 65, 784):
+    for K in (1, 27, 63, 65, 784):
         for N in (1, 65, 130):
             x = rng.integers(0, 256, size=(M, K), dtype=np.uint8)
             x[0, 0] = 255
@@ -328,26 +328,34 @@ def test_maxpool_bits(path, shape, kernel, stride):
     np.testing.assert_array_equal(got, pack_pm1(expect))
 
 
+def test_bitplane_gemm_extreme_sums(path):
+    """Every pixel 255 against rows of all +1, all −1 and alternating signs: the largest sums
+    (±255·K) come out exact, whatever the kernel accumulates in (int16 partial sums included)."""
+    for M in (1, 9):
+        for K in (4, 257, 5000):
+            w = np.stack([np.ones(K), -np.ones(K), np.where(np.arange(K) % 2, -1.0, 1.0)])
+            bm = kn.BinaryMatrix(pack_pm1(w), K)
+            got = kn.bitplane_gemm(np.full((M, K), 255, np.uint8), bm)
+            np.testing.assert_array_equal(got, np.tile([255 * K, -255 * K, 255 * (K % 2)], (M, 1)))
+
+
 @pytest.mark.parametrize("M, P", [(1, 1), (6, 1), (6, 3), (64, 16)])
 def test_outside_bits_equal_the_sums_compared(path, M, P):
-    """bitplane_gemm_outside / float_gemm_binary_outside: bit n of row m is 1 iff the sum the
-    plain call returns lies outside [lo[m % P, n], hi[m % P, n]], bounds on and around the sums."""
+    """bitplane_gemm_outside: bit n of row m is 1 iff the sum bitplane_gemm returns lies
+    outside [lo[m % P, n], hi[m % P, n]], bounds on and around the sums."""
     rng = np.random.default_rng(90 + M + P)
     for K, N in ((27, 5), (200, 65), (784, 130)):
         w = rand_pm1(rng, (N, K))
         bm = kn.BinaryMatrix(pack_pm1(w), K)
         x = rng.integers(0, 256, size=(M, K), dtype=np.uint8)
-        for dtype, plain, outside in (("int32", kn.bitplane_gemm, kn.bitplane_gemm_outside),
-                                      ("float32", kn.float_gemm_binary, kn.float_gemm_binary_outside)):
-            xs = x if dtype == "int32" else x.astype(np.float32)
-            sums = plain(xs, bm)
-            some = sums[rng.integers(0, M, size=(P, N)), np.arange(N)]  # sums of other rows
-            lo = (some + rng.integers(-1, 2, size=(P, N))).astype(dtype)
-            hi = (lo + rng.integers(0, 3000, size=(P, N))).astype(dtype)
-            rows = np.arange(M) % P
-            got = outside(xs, bm, lo, hi)
-            assert got.dtype == np.uint64 and got.shape == (M, words(N))
-            np.testing.assert_array_equal(got, pack_pm1(np.where((sums < lo[rows]) | (sums > hi[rows]), -1, 1)))
+        sums = kn.bitplane_gemm(x, bm)
+        some = sums[rng.integers(0, M, size=(P, N)), np.arange(N)]  # sums of other rows
+        lo = (some + rng.integers(-1, 2, size=(P, N))).astype(np.int32)
+        hi = (lo + rng.integers(0, 3000, size=(P, N))).astype(np.int32)
+        rows = np.arange(M) % P
+        got = kn.bitplane_gemm_outside(x, bm, lo, hi)
+        assert got.dtype == np.uint64 and got.shape == (M, words(N))
+        np.testing.assert_array_equal(got, pack_pm1(np.where((sums < lo[rows]) | (sums > hi[rows]), -1, 1)))
 
 
 # ---------------------------------------------------------------------------- errors
@@ -383,9 +391,8 @@ def test_bad_inputs_raise_shape_error(path):
         lambda: kn.bitplane_gemm_outside(np.zeros((2, K), np.uint8), bm, np.zeros((3, N), np.int32),
                                          np.zeros((3, N), np.int32)),  # P = 3 does not divide M = 2
         lambda: kn.bitplane_gemm_outside(np.zeros((2, K + 1), np.uint8), bm, t[None], t[None]),
-        lambda: kn.float_gemm_binary_outside(np.zeros((2, K), np.float32), bm, t[None], t[None]),  # int32 bounds
-        lambda: kn.float_gemm_binary_outside(np.zeros((2, K), np.float32), bm, np.zeros((0, N), np.float32),
-                                             np.zeros((0, N), np.float32)),
+        lambda: kn.bitplane_gemm_outside(np.zeros((2, K), np.uint8), bm, np.zeros((0, N), np.int32),
+                                         np.zeros((0, N), np.int32)),
         lambda: kn.pack_signs(np.zeros((2, K), np.float64)),
         lambda: kn.pack_signs(np.zeros((2, 0), np.float32)),
         lambda: kn.BinaryConv2d(np.zeros((4, 3, 3, 1), np.uint64), 65, 3, 3),  # CW mismatch

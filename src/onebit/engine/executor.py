@@ -20,9 +20,8 @@ of the bits instead of a max-pool of integers.
 x = ((p / L)·2) − 1 of integer pixels p ∈ [0, L], :func:`pixels_to_inputs`) and the graph
 starts (after flattens) with a binary ``dense``/``conv`` on real inputs, that layer also runs
 on the pixels: S = Σ_k p_k·s_k exactly with :func:`~onebit.engine.kernels.bitplane_gemm`
-(8 bit planes of popcounts instead of K float adds per output; for K ≤ 32 the float32 kernel
-on the pixel values, exact as every partial sum is a small integer), on a uint8 im2col for a
-conv, then y = (2·S − L·Σ_k s_k)/L rounded once to float32 (plus the contribution of a conv's
+(integer multiply-adds of the uint8 pixels, or bit planes for one row, instead of K float
+adds per output), on a uint8 im2col for a conv, then y = (2·S − L·Σ_k s_k)/L rounded once to float32 (plus the contribution of a conv's
 padding): the correctly rounded real pre-activation, where the float path sums float32 values
 with one rounding per add. A following ``threshold`` becomes integer bounds on S (found at load
 by bisection over the same float32 y, so fused and traced results agree). :meth:`Model.predict`
@@ -163,28 +162,15 @@ def _pixel_values(sums: np.ndarray, base: np.ndarray, levels: int) -> np.ndarray
     return ((2.0 * sums.astype(np.float64) - base) / levels).astype(np.float32)
 
 
-#: up to this fan-in K the pixel sums run on the float32 kernel instead of the bit planes: 8
-#: popcounts of a mostly empty 64-bit word then cost more than K float adds (measured crossover
-#: K ≈ 40 with AVX-512), and every partial sum is an integer below 255·K < 2^24: exact
-_FLOAT_SUMS_MAX_K = 32
-
-
 _PixelSums = Callable[[np.ndarray], np.ndarray]
 _PixelOutside = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-def _pixel_gemm(matrix: kernels.BinaryMatrix, threads: int) -> tuple[_PixelSums, _PixelOutside, np.dtype]:
-    """(uint8 [M, K] → S = Σ_k p_k·s_k [M, N] exactly; (pixels, lo, hi) → the bits of S outside
-    [lo, hi], bounds [P, N] as in :func:`~onebit.engine.kernels.bitplane_gemm_outside`; the
-    dtype of S and of the bounds): int32 from the bit planes, or float32 holding exact integers
-    for a small K."""
-    if matrix.K <= _FLOAT_SUMS_MAX_K:
-        return (lambda p: kernels.float_gemm_binary(p.astype(np.float32), matrix, threads),
-                lambda p, lo, hi: kernels.float_gemm_binary_outside(p.astype(np.float32), matrix, lo, hi, threads),
-                np.dtype(np.float32))
+def _pixel_gemm(matrix: kernels.BinaryMatrix, threads: int) -> tuple[_PixelSums, _PixelOutside]:
+    """(uint8 [M, K] → S = Σ_k p_k·s_k, int32 [M, N], exactly; (pixels, lo, hi) → the bits of S
+    outside [lo, hi], int32 bounds [P, N] as in :func:`~onebit.engine.kernels.bitplane_gemm_outside`)."""
     return (lambda p: kernels.bitplane_gemm(np.ascontiguousarray(p), matrix, threads),
-            lambda p, lo, hi: kernels.bitplane_gemm_outside(np.ascontiguousarray(p), matrix, lo, hi, threads),
-            np.dtype(np.int32))
+            lambda p, lo, hi: kernels.bitplane_gemm_outside(np.ascontiguousarray(p), matrix, lo, hi, threads))
 
 
 def _least(pred: Callable[[np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -241,7 +227,6 @@ class _Step:
     # the op's float32 output is _pixel_values(S, pixel_base, L)
     pixel_sums: _PixelSums | None = None
     pixel_outside: _PixelOutside | None = None  # (pixels, lo, hi) → the bits of S outside [lo, hi]
-    pixel_dtype: np.dtype | None = None  # of S: int32, or float32 holding exact integers
     pixel_base: np.ndarray | None = None
     pixel_reach: int = 0  # max |S|: 255·K
 
@@ -436,7 +421,7 @@ class Model:
         step.kernel = matrix
         if inp.kind == "float":
             if self._pixels_fit(k):
-                step.pixel_sums, step.pixel_outside, step.pixel_dtype = _pixel_gemm(matrix, threads)
+                step.pixel_sums, step.pixel_outside = _pixel_gemm(matrix, threads)
                 weight_sums = k - 2 * _unpack(weight, k).sum(axis=1, dtype=np.int64)  # Σ_k s_k per output
                 step.pixel_base = float(self.input_levels) * weight_sums
                 step.pixel_reach = 255 * k
@@ -471,7 +456,7 @@ class Model:
             pad_value = float(params["pad_value"])
             if self._pixels_fit(k):
                 levels = float(self.input_levels)
-                gemm, gemm_outside, step.pixel_dtype = _pixel_gemm(matrix, threads)
+                gemm, gemm_outside = _pixel_gemm(matrix, threads)
 
                 def pixel_sums(p):  # pixel im2col pads with p = 0; the base below accounts for it
                     return gemm(_im2col(p, kh, kw, sh, sw, ph, pw, 0)).reshape(p.shape[0], ho, wo, o)
@@ -527,9 +512,9 @@ class Model:
         plan = [_Call(s.run, s.sources, s.index) for s in steps[:first]]
         nxt = steps[first + 1] if first + 1 < len(steps) else None
         if nxt is not None and nxt.op == "threshold" and self._feeds_next_only(first + 1):
-            # as S's dtype: exact, as |bounds| ≤ 255·K + 1 (< 2^24 where S is float32); [P, N]:
-            # one row per output pixel of a conv whose padding makes them differ, else one
-            lo, hi = (np.ascontiguousarray(b.astype(layer.pixel_dtype).reshape(-1, b.shape[-1]))
+            # int32 as S (|bounds| ≤ 255·K + 1); [P, N]: one row per output pixel of a conv whose
+            # padding makes them differ, else one
+            lo, hi = (np.ascontiguousarray(b.astype(np.int32).reshape(-1, b.shape[-1]))
                       for b in _pixel_bounds(base, levels, nxt.scale, nxt.thresh, layer.pixel_reach))
             outside = layer.pixel_outside
 

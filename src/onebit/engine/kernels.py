@@ -21,8 +21,9 @@ Semantics that are easy to get wrong:
 * :func:`float_gemm_binary`: each output is one float32 accumulator starting at 0.0 to which
   ``±x[k]`` is added for k = 0, 1, …, K−1 in that order (exact sign flips, one rounding per add).
 * :func:`bitplane_gemm`: uint8 × ±1, the exact int32 sum (|sum| ≤ 255·K), from the 8 bit
-  planes of x: the engine runs a first layer on 8-bit pixels with it; ``*_outside`` variants
-  return bits (1 iff the sum lies outside per-output integer bounds) instead of the sums.
+  planes of x or by int8 multiply-adds: the engine runs a first layer on 8-bit pixels with it;
+  :func:`bitplane_gemm_outside` returns bits (1 iff the sum lies outside per-output integer
+  bounds) instead of the sums.
 * Padding bits beyond K in an activation row (beyond C in each conv pixel) are ignored; weights
   are masked at construction.
 * :class:`BinaryConv2d` ``pad_value``: +1 / −1 pad with real ±1 values; 0 pads with zeros
@@ -53,7 +54,6 @@ __all__ = [
     "bitplane_gemm_outside",
     "current_path",
     "float_gemm_binary",
-    "float_gemm_binary_outside",
     "maxpool_bits",
     "native_available",
     "pack_signs",
@@ -325,7 +325,9 @@ def _matrix_input(x: Any, w: "BinaryMatrix", dtype: str) -> np.ndarray:
 def bitplane_gemm(x: np.ndarray, w: "BinaryMatrix", threads: int = 0) -> np.ndarray:
     """uint8[M, K] × BinaryMatrix → int32[M, N] = Σ_k x[m,k]·w[n,k] exactly (w ∈ ±1).
 
-    Native: per bit plane b, Σ_k bit_b(x_k)·w_k = popcount(x_b XOR w) − popcount(w).
+    Native: one row by bit planes, Σ_k bit_b(x_k)·w_k = popcount(x_b XOR w) − popcount(w) for
+    b = 0 … 7, on the packed weights; more rows by uint8 × int8 multiply-adds on an int8 copy of
+    the weights, made on the first such call and kept with the matrix (8 bits per weight).
     """
     threads = _threads(threads)
     if _native_matrix(w):
@@ -365,21 +367,9 @@ def bitplane_gemm_outside(x: np.ndarray, w: "BinaryMatrix", lo: np.ndarray, hi: 
     threads = _threads(threads)
     if _native_matrix(w):
         return _native_call(_native.bitplane_gemm_outside, x, w._nat, lo, hi, threads)
-    return _outside_bits(bitplane_gemm(x, w, threads), lo, hi, "int32")
-
-
-def float_gemm_binary_outside(x: np.ndarray, w: "BinaryMatrix", lo: np.ndarray, hi: np.ndarray,
-                              threads: int = 0) -> np.ndarray:
-    """:func:`float_gemm_binary`, then bits as in :func:`bitplane_gemm_outside` (float32 ``lo``/``hi``)."""
-    threads = _threads(threads)
-    if _native_matrix(w):
-        return _native_call(_native.float_gemm_binary_outside, x, w._nat, lo, hi, threads)
-    return _outside_bits(float_gemm_binary(x, w, threads), lo, hi, "float32")
-
-
-def _outside_bits(sums: np.ndarray, lo: Any, hi: Any, dtype: str) -> np.ndarray:
+    sums = bitplane_gemm(x, w, threads)
     M, N = sums.shape
-    lo, hi = _array(lo, "lo", dtype, 2), _array(hi, "hi", dtype, 2)
+    lo, hi = _array(lo, "lo", "int32", 2), _array(hi, "hi", "int32", 2)
     if lo.shape[1] != N or hi.shape != lo.shape:
         raise ShapeError(f"lo and hi must both have shape (P, {N}), got {lo.shape} and {hi.shape}")
     P = lo.shape[0]

@@ -241,11 +241,75 @@ ONEBIT_T2 void finish_tile_avx2(const TileEpilogue& e) {
 
 ONEBIT_THRESHOLD_PREP(threshold_prep_avx2, ONEBIT_T2)
 
+// R rows x PN panels of uint8 x int8: vpmaddubsw adds the products of 2 k into int16 (|.| <=
+// 510), vpaddw collects 64 steps of 4 k (<= 64 * 2 * 510 = 65280 split over the 2 int16 of an
+// output: each <= 32640, no overflow), vpmaddwd widens into the int32 sums.
+template <int R, int PN>
+ONEBIT_T2_INLINE void u8_micro_avx2(const std::uint8_t* x, std::size_t ldx, const std::int8_t* w,
+                                    std::size_t K4, std::size_t ldw, std::int32_t* out,
+                                    std::size_t ldo) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[R][PN];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+        for (int p = 0; p < PN; ++p) acc[i][p] = _mm256_setzero_si256();
+    std::size_t k = 0;
+    while (k < K4) {
+        const std::size_t kend = K4 - k > 64 ? k + 64 : K4;
+        __m256i a16[R][PN];
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+            for (int p = 0; p < PN; ++p) a16[i][p] = _mm256_setzero_si256();
+        for (; k < kend; ++k) {
+            __m256i wv[PN];
+#pragma GCC unroll 8
+            for (int p = 0; p < PN; ++p)
+                wv[p] = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + k * ldw + 32 * std::size_t(p)));
+#pragma GCC unroll 8
+            for (int i = 0; i < R; ++i) {
+                std::int32_t four;
+                __builtin_memcpy(&four, x + std::size_t(i) * ldx + 4 * k, 4);
+                const __m256i xb = _mm256_set1_epi32(four);
+#pragma GCC unroll 8
+                for (int p = 0; p < PN; ++p) a16[i][p] = _mm256_add_epi16(a16[i][p], _mm256_maddubs_epi16(xb, wv[p]));
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+            for (int p = 0; p < PN; ++p) acc[i][p] = _mm256_add_epi32(acc[i][p], _mm256_madd_epi16(a16[i][p], ones));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+        for (int p = 0; p < PN; ++p)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + std::size_t(i) * ldo + PANEL * p), acc[i][p]);
+}
+
+template <int R>
+ONEBIT_T2_INLINE void u8_rows_avx2(const std::uint8_t* x, std::size_t ldx, const std::int8_t* w,
+                                   std::size_t K4, int npan, std::int32_t* out, std::size_t ldo) {
+    const std::size_t ldw = std::size_t(npan) * PANEL * 4;
+    int p = 0;
+    for (; p + 2 <= npan; p += 2) u8_micro_avx2<R, 2>(x, ldx, w + 32 * p, K4, ldw, out + PANEL * p, ldo);
+    if (p < npan) u8_micro_avx2<R, 1>(x, ldx, w + 32 * p, K4, ldw, out + PANEL * p, ldo);
+}
+
 }  // namespace
 
+ONEBIT_T2 void u8_tile_avx2(const std::uint8_t* x, std::size_t ldx, int m, const std::int8_t* w,
+                            std::size_t K4, int npan, std::int32_t* out, std::size_t ldo) {
+    int i = 0;
+    for (; i + 3 <= m; i += 3) u8_rows_avx2<3>(x + std::size_t(i) * ldx, ldx, w, K4, npan, out + std::size_t(i) * ldo, ldo);
+    if (m - i == 2) u8_rows_avx2<2>(x + std::size_t(i) * ldx, ldx, w, K4, npan, out + std::size_t(i) * ldo, ldo);
+    if (m - i == 1) u8_rows_avx2<1>(x + std::size_t(i) * ldx, ldx, w, K4, npan, out + std::size_t(i) * ldo, ldo);
+}
+
 const KernelTable kAvx2Table = {"avx2", xor_popcount_tile_avx2, pack_signs_row_avx2,
-                                pack_bitplanes_row_avx2, float_tile_avx2, finish_tile_avx2,
-                                threshold_prep_avx2};
+                                pack_bitplanes_row_avx2, float_tile_avx2, u8_tile_avx2,
+                                finish_tile_avx2, threshold_prep_avx2};
 
 }  // namespace onebit
 

@@ -304,8 +304,8 @@ ONEBIT_THRESHOLD_PREP(threshold_prep_avx512, ONEBIT_T512)
 }  // namespace
 
 const KernelTable kAvx512Table = {"avx512", xor_popcount_tile_avx512, pack_signs_row_avx512,
-                                  pack_bitplanes_row_avx512, float_tile_avx512, finish_tile_avx512,
-                                  threshold_prep_avx512};
+                                  pack_bitplanes_row_avx512, float_tile_avx512, u8_tile_avx2,
+                                  finish_tile_avx512, threshold_prep_avx512};
 
 }  // namespace onebit
 

@@ -128,11 +128,29 @@ void finish_tile_portable(const TileEpilogue& e) {
 
 namespace {
 ONEBIT_THRESHOLD_PREP(threshold_prep_portable, )
+
+void u8_tile_portable(const std::uint8_t* x, std::size_t ldx, int m, const std::int8_t* w,
+                      std::size_t K4, int npan, std::int32_t* out, std::size_t ldo) {
+    const int ncol = npan * PANEL;
+    const std::size_t ldw = std::size_t(ncol) * 4;
+    std::int32_t acc[GROUP];
+    for (int i = 0; i < m; ++i) {
+        const std::uint8_t* xi = x + std::size_t(i) * ldx;
+        for (int n = 0; n < ncol; ++n) acc[n] = 0;
+        for (std::size_t k = 0; k < K4; ++k) {
+            const std::int8_t* wk = w + k * ldw;
+            for (int n = 0; n < ncol; ++n)
+                for (int j = 0; j < 4; ++j) acc[n] += std::int32_t(xi[4 * k + j]) * wk[4 * n + j];
+        }
+        std::memcpy(out + std::size_t(i) * ldo, acc, sizeof(std::int32_t) * std::size_t(ncol));
+    }
+}
+
 }  // namespace
 
 const KernelTable kPortableTable = {
     "portable", xor_popcount_tile_portable, pack_signs_row_portable,
-    pack_bitplanes_row_portable, float_tile_portable, finish_tile_portable,
+    pack_bitplanes_row_portable, float_tile_portable, u8_tile_portable, finish_tile_portable,
     threshold_prep_portable};
 
 }  // namespace onebit

@@ -435,12 +435,12 @@ py::array_t<float, py::array::c_style> float_input(const py::handle& x_obj, cons
     return x;
 }
 
-// lo / hi of an *_outside call: alike, [P, N], P >= 1 dividing the M rows of x
-template <class T>
-std::pair<py::array_t<T, py::array::c_style>, py::array_t<T, py::array::c_style>> outside_bounds(
-    const py::handle& lo_obj, const py::handle& hi_obj, std::int64_t M, std::int64_t N) {
-    auto lo = get<T>(lo_obj, "lo", 2);
-    auto hi = get<T>(hi_obj, "hi", 2);
+// lo / hi of bitplane_gemm_outside: alike, int32 [P, N], P >= 1 dividing the M rows of x
+using Bounds = py::array_t<std::int32_t, py::array::c_style>;
+std::pair<Bounds, Bounds> outside_bounds(const py::handle& lo_obj, const py::handle& hi_obj, std::int64_t M,
+                                         std::int64_t N) {
+    auto lo = get<std::int32_t>(lo_obj, "lo", 2);
+    auto hi = get<std::int32_t>(hi_obj, "hi", 2);
     if (lo.shape(1) != N || hi.shape(0) != lo.shape(0) || hi.shape(1) != N)
         fail("lo and hi must both have shape (P, " + std::to_string(N) + "), got " + shape_str(lo) + " and " +
              shape_str(hi));
@@ -459,7 +459,7 @@ py::array bitplane_gemm_py(const py::handle& x_obj, const BinaryMatrix& w, int t
     std::int32_t* op = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        bitplane_driver(xp, M, w.packed(), op, threads);
+        u8_driver(xp, M, w.packed(), op, threads);
     }
     return std::move(out);
 }
@@ -469,14 +469,13 @@ py::array bitplane_gemm_outside_py(const py::handle& x_obj, const BinaryMatrix& 
     check_threads(threads);
     auto x = bitplane_input(x_obj, w);
     const std::int64_t M = x.shape(0);
-    auto bounds = outside_bounds<std::int32_t>(lo_obj, hi_obj, M, w.N());
+    auto bounds = outside_bounds(lo_obj, hi_obj, M, w.N());
     py::array_t<std::uint64_t> out({M, (w.N() + 63) / 64});
-    const OutsideBits<std::int32_t> o{bounds.first.data(), bounds.second.data(), bounds.first.shape(0),
-                                      out.mutable_data()};
+    const OutsideBits o{bounds.first.data(), bounds.second.data(), bounds.first.shape(0), out.mutable_data()};
     const std::uint8_t* xp = x.data();
     {
         py::gil_scoped_release nogil;
-        bitplane_driver(xp, M, w.packed(), nullptr, threads, &o);
+        u8_driver(xp, M, w.packed(), nullptr, threads, &o);
     }
     return std::move(out);
 }
@@ -491,22 +490,6 @@ py::array float_gemm_binary_py(const py::handle& x_obj, const BinaryMatrix& w, i
     {
         py::gil_scoped_release nogil;
         float_driver(xp, M, w.packed(), op, threads);
-    }
-    return std::move(out);
-}
-
-py::array float_gemm_binary_outside_py(const py::handle& x_obj, const BinaryMatrix& w, const py::handle& lo_obj,
-                                       const py::handle& hi_obj, int threads) {
-    check_threads(threads);
-    auto x = float_input(x_obj, w);
-    const std::int64_t M = x.shape(0);
-    auto bounds = outside_bounds<float>(lo_obj, hi_obj, M, w.N());
-    py::array_t<std::uint64_t> out({M, (w.N() + 63) / 64});
-    const OutsideBits<float> o{bounds.first.data(), bounds.second.data(), bounds.first.shape(0), out.mutable_data()};
-    const float* xp = x.data();
-    {
-        py::gil_scoped_release nogil;
-        float_driver(xp, M, w.packed(), nullptr, threads, &o);
     }
     return std::move(out);
 }
@@ -555,10 +538,6 @@ PYBIND11_MODULE(_native, m) {
           py::arg("hi"), py::arg("threads") = 0,
           "uint8[M, K] x BinaryMatrix, int32 lo/hi [P, N] -> uint64[M, ceil(N/64)]: bit n of row m is 1 iff "
           "sum_k x_k * w_k lies outside [lo[m % P, n], hi[m % P, n]].");
-    m.def("float_gemm_binary_outside", &float_gemm_binary_outside_py, py::arg("x"), py::arg("w"), py::arg("lo"),
-          py::arg("hi"), py::arg("threads") = 0,
-          "float32[M, K] x BinaryMatrix, float32 lo/hi [P, N] -> uint64[M, ceil(N/64)]: bit n of row m is 1 iff "
-          "the float_gemm_binary sum lies outside [lo[m % P, n], hi[m % P, n]].");
     m.def("float_gemm_binary", &float_gemm_binary_py, py::arg("x"), py::arg("w"), py::arg("threads") = 0,
           "float32[M, K] x BinaryMatrix -> float32[M, N]; float32 sum in increasing k per output.");
 

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
@@ -103,6 +104,10 @@ struct KernelTable {
     // float32 strictly in increasing k, one accumulator per output (deterministic order).
     void (*float_tile)(const float* x, std::size_t ldx, int m, const std::uint64_t* w,
                        std::size_t K, std::size_t KW, int npan, float* out, std::size_t ldo);
+    // out[i * ldo + n] = sum_k x[i * ldx + k] * w(n, k) exactly, for i < m, n < npan * 8: uint8
+    // x (rows of 4 * K4 bytes, 0 beyond K) times int8 +-1 weights w, one group of ByteWeights.
+    void (*u8_tile)(const std::uint8_t* x, std::size_t ldx, int m, const std::int8_t* w,
+                    std::size_t K4, int npan, std::int32_t* out, std::size_t ldo);
     void (*finish_tile)(const TileEpilogue& e);
     // scale (int8 if s_i8 else int32) / thresh [N] -> tcmp [N], flip [ceil(N/64)] (see OutSpec);
     // returns false if a scale entry is not -1, 0 or +1
@@ -159,6 +164,9 @@ extern const KernelTable kPortableTable;
 #define ONEBIT_X86 1
 extern const KernelTable kAvx2Table;
 extern const KernelTable kAvx512Table;
+// AVX-512 CPUs run the AVX2 uint8 x int8 kernel
+void u8_tile_avx2(const std::uint8_t* x, std::size_t ldx, int m, const std::int8_t* w,
+                  std::size_t K4, int npan, std::int32_t* out, std::size_t ldo);
 #endif
 
 const KernelTable& current_table();
@@ -167,6 +175,16 @@ std::vector<std::string> available_paths();
 std::string current_path();
 
 // ---------------------------------------------------------------------------------------
+// The +-1 weights as int8 for the uint8 x int8 multiply-add kernel (u8_tile), built on first
+// use by byte_weights(): group g at data + g * K4 * GROUP * 4, laid out [K4][rows][4] (4
+// consecutive k of one row side by side, rows of the group's panels), 0 beyond K.
+struct ByteWeights {
+    std::once_flag built;
+    std::int64_t K4 = 0;
+    AlignedArray<std::int8_t> data;
+    const std::int8_t* group(std::int64_t g) const { return data.get() + g * K4 * GROUP * 4; }
+};
+
 // Prepared binary weights (used by BinaryMatrix and BinaryConv2d).
 struct PackedWeights {
     std::int64_t N = 0;   // output rows
@@ -176,6 +194,7 @@ struct PackedWeights {
     std::int64_t ngroups = 0;
     AlignedArray<std::uint64_t> data;
     std::vector<std::int32_t> row_popcount;  // popcount of each (masked) weight row
+    std::shared_ptr<ByteWeights> bytes = std::make_shared<ByteWeights>();  // see byte_weights
 
     const std::uint64_t* group(std::int64_t g) const { return data.get() + g * KW * GROUP; }
     int group_panels(std::int64_t g) const {
@@ -193,6 +212,10 @@ struct PackedWeights {
 PackedWeights pack_weights(const std::uint64_t* w, std::int64_t N, std::int64_t KW,
                            std::int64_t K, const std::vector<std::uint64_t>& keep_mask);
 
+// W's int8 copy, built once (thread-safe) on the first call: 8 bits per weight, so only the
+// layers that run on uint8 inputs get one.
+const ByteWeights& byte_weights(const PackedWeights& W);
+
 int resolve_threads(int threads);
 
 // GEMM driver. a: [M][lda] words (lda >= KW). junk_mask: bits of the last word that are
@@ -202,21 +225,21 @@ void gemm_driver(const std::uint64_t* a, std::size_t lda, std::int64_t M,
 
 // Output of a sum as bits: bit c of word g of row m = (v < lo[r][n]) | (v > hi[r][n]) for
 // n = 64 g + c, r = m % P (a conv's im2col rows cycle through its P = Ho·Wo output pixels).
-template <class T>
 struct OutsideBits {
-    const T* lo = nullptr;  // [P][N]
-    const T* hi = nullptr;  // [P][N]
+    const std::int32_t* lo = nullptr;  // [P][N]
+    const std::int32_t* hi = nullptr;  // [P][N]
     std::int64_t P = 1;
     std::uint64_t* bits = nullptr;  // [M][ceil(N/64)]
 };
 
-// out: int32 [M][N], or (outside != null) outside->bits instead
-void bitplane_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights& W,
-                     std::int32_t* out, int threads,
-                     const OutsideBits<std::int32_t>* outside = nullptr);
+// Exact sums of uint8 x[M][K] times the +-1 weights: int32 out [M][N], or (outside != null)
+// outside->bits instead. One row runs on bit planes (popcounts on the packed weights), more
+// rows on int8 multiply-adds (u8_tile) on the weights' int8 copy.
+void u8_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights& W, std::int32_t* out,
+               int threads, const OutsideBits* outside = nullptr);
 
 void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float* out,
-                  int threads, const OutsideBits<float>* outside = nullptr);
+                  int threads);
 
 struct ConvGeom {
     std::int64_t B, H, W, C, CW, O, kh, kw, sh, sw, ph, pw, Ho, Wo;

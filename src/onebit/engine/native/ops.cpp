@@ -218,12 +218,11 @@ void gemm_driver(const std::uint64_t* a, std::size_t lda, std::int64_t M, const 
 namespace {
 
 // one word of OutsideBits for the n <= 64 values v of row m, group g
-template <class T>
-std::uint64_t outside_word(const OutsideBits<T>& o, const T* v, std::int64_t m, std::int64_t N,
+std::uint64_t outside_word(const OutsideBits& o, const std::int32_t* v, std::int64_t m, std::int64_t N,
                            std::int64_t g, int n) {
     const std::int64_t r = (m % o.P) * N + g * GROUP;
-    const T* lo = o.lo + r;
-    const T* hi = o.hi + r;
+    const std::int32_t* lo = o.lo + r;
+    const std::int32_t* hi = o.hi + r;
     alignas(8) std::uint8_t out[64] = {0};
     for (int c = 0; c < n; ++c) out[c] = std::uint8_t((v[c] < lo[c]) | (v[c] > hi[c]));
     return pack_bytes64(out);
@@ -231,9 +230,20 @@ std::uint64_t outside_word(const OutsideBits<T>& o, const T* v, std::int64_t m, 
 
 }  // namespace
 
-void bitplane_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights& W,
-                     std::int32_t* out, int threads, const OutsideBits<std::int32_t>* outside) {
-    if (M <= 0) return;
+namespace {
+
+// one row of sums of group g: into out [M][N], or as bits of OutsideBits
+inline void emit_sums(const std::int32_t* sums, std::int64_t m, std::int64_t g, int ncols, std::int64_t N,
+                      std::int64_t G, std::int32_t* out, const OutsideBits* outside) {
+    if (outside)
+        outside->bits[m * G + g] = outside_word(*outside, sums, m, N, g, ncols);
+    else
+        std::memcpy(out + m * N + g * GROUP, sums, sizeof(std::int32_t) * std::size_t(ncols));
+}
+
+// Per bit plane b of x: sum_k bit_b(x_k) w_k = popcount(x_b XOR w) - popcount(w), on the packed bits.
+void bitplane_sums(const std::uint8_t* x, std::int64_t M, const PackedWeights& W, std::int32_t* out,
+                   int threads, const OutsideBits* outside) {
     const KernelTable& kt = current_table();
     const std::int64_t K = W.K, KW = W.KW, N = W.N, G = W.ngroups;
     // planes: row 8m + b = bit plane b of x[m]
@@ -262,24 +272,98 @@ void bitplane_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights&
             const int ncols = W.group_cols(g);
             const std::int64_t n0 = g * GROUP;
             for (int i = 0; i < rc / 8; ++i) {
-                const std::int64_t m = r0 / 8 + i;
                 std::int32_t sums[GROUP];
                 for (int c = 0; c < ncols; ++c) {
                     std::int32_t v = 0;
                     for (int b = 0; b < 8; ++b) v += tile[std::size_t(8 * i + b) * GROUP + std::size_t(c)] << b;
                     sums[c] = v - 255 * W.row_popcount[std::size_t(n0 + c)];
                 }
-                if (outside)
-                    outside->bits[m * G + g] = outside_word(*outside, sums, m, N, g, ncols);
-                else
-                    std::memcpy(out + m * N + n0, sums, sizeof(std::int32_t) * std::size_t(ncols));
+                emit_sums(sums, r0 / 8 + i, g, ncols, N, G, out, outside);
             }
         }
     }
 }
 
-void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float* out, int threads,
-                  const OutsideBits<float>* outside) {
+// uint8 x int8 multiply-adds (u8_tile) on W's int8 copy.
+void byte_sums(const std::uint8_t* x, std::int64_t M, const PackedWeights& W, std::int32_t* out, int threads,
+               const OutsideBits* outside) {
+    const KernelTable& kt = current_table();
+    const ByteWeights& B = byte_weights(W);
+    const std::int64_t K = W.K, N = W.N, G = W.ngroups, K4 = B.K4;
+    // the kernel reads 4 k at a time: rows of 4·K4 bytes, zero beyond K
+    AlignedArray<std::uint8_t> padded;
+    const std::uint8_t* rows = x;
+    std::size_t ldx = std::size_t(K);
+    if (K % 4) {
+        ldx = std::size_t(4 * K4);
+        padded = aligned_array<std::uint8_t>(std::size_t(M) * ldx);
+        for (std::int64_t m = 0; m < M; ++m) {
+            std::memcpy(padded.get() + std::size_t(m) * ldx, x + std::size_t(m) * std::size_t(K), std::size_t(K));
+            std::memset(padded.get() + std::size_t(m) * ldx + std::size_t(K), 0, ldx - std::size_t(K));
+        }
+        rows = padded.get();
+    }
+    const std::int64_t mbr = rows_per_task(M, G, threads, 6);
+    const std::int64_t nmb = (M + mbr - 1) / mbr;
+    const std::int64_t ntasks = nmb * G;
+    const bool rows_outer = M > N;
+    const int nt = clamp_threads(threads, ntasks, double(M) * double(N) * double(K4) / 16.0);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        AlignedArray<std::int32_t> tile = aligned_array<std::int32_t>(std::size_t(MB) * GROUP);
+#pragma omp for schedule(static)
+        for (std::int64_t t = 0; t < ntasks; ++t) {
+            const std::int64_t mb = rows_outer ? t / G : t % nmb;
+            const std::int64_t g = rows_outer ? t % G : t / nmb;
+            const std::int64_t m0 = mb * mbr;
+            const int mc = int(std::min<std::int64_t>(mbr, M - m0));
+            kt.u8_tile(rows + std::size_t(m0) * ldx, ldx, mc, B.group(g), std::size_t(K4), W.group_panels(g),
+                       tile.get(), GROUP);
+            const int ncols = W.group_cols(g);
+            for (int i = 0; i < mc; ++i) emit_sums(tile.get() + std::size_t(i) * GROUP, m0 + i, g, ncols, N, G, out, outside);
+        }
+    }
+}
+
+// A single row takes the bit planes: the int8 copy is 8x the bits, and one row does not repay
+// streaming it from memory (from 2 rows on the multiply-adds are faster: AVX2, K = 784).
+constexpr std::int64_t BYTE_SUMS_MIN_ROWS = 2;
+
+}  // namespace
+
+const ByteWeights& byte_weights(const PackedWeights& W) {
+    ByteWeights& B = *W.bytes;
+    std::call_once(B.built, [&W, &B] {
+        const std::int64_t K4 = (W.K + 3) / 4;
+        AlignedArray<std::int8_t> data = aligned_array<std::int8_t>(std::size_t(W.ngroups * K4 * GROUP * 4));
+        std::memset(data.get(), 0, std::size_t(W.ngroups * K4 * GROUP * 4));
+        for (std::int64_t g = 0; g < W.ngroups; ++g) {
+            const std::uint64_t* bits = W.group(g);
+            const std::size_t ldw = std::size_t(W.group_panels(g)) * PANEL;  // words per k word
+            std::int8_t* dst = data.get() + g * K4 * GROUP * 4;
+            const int ncols = W.group_cols(g);
+            for (std::int64_t k = 0; k < W.K; ++k) {
+                const std::uint64_t* word = bits + std::size_t(k / 64) * ldw;
+                std::int8_t* row = dst + std::size_t(k / 4) * ldw * 4 + std::size_t(k % 4);
+                for (int c = 0; c < ncols; ++c) row[4 * c] = ((word[c] >> (k % 64)) & 1) ? -1 : 1;
+            }
+        }
+        B.K4 = K4;
+        B.data = std::move(data);
+    });
+    return B;
+}
+
+void u8_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights& W, std::int32_t* out,
+               int threads, const OutsideBits* outside) {
+    if (M <= 0) return;
+    if (M < BYTE_SUMS_MIN_ROWS)
+        bitplane_sums(x, M, W, out, threads, outside);
+    else
+        byte_sums(x, M, W, out, threads, outside);
+}
+
+void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float* out, int threads) {
     if (M <= 0) return;
     const KernelTable& kt = current_table();
     const std::int64_t K = W.K, N = W.N, G = W.ngroups;
@@ -300,13 +384,9 @@ void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float*
             kt.float_tile(x + std::size_t(m0) * std::size_t(K), std::size_t(K), mc, W.group(g),
                           std::size_t(K), std::size_t(W.KW), W.group_panels(g), tile.get(), GROUP);
             const int ncols = W.group_cols(g);
-            for (int i = 0; i < mc; ++i) {
-                const float* sums = tile.get() + std::size_t(i) * GROUP;
-                if (outside)
-                    outside->bits[(m0 + i) * G + g] = outside_word(*outside, sums, m0 + i, N, g, ncols);
-                else
-                    std::memcpy(out + (m0 + i) * N + g * GROUP, sums, sizeof(float) * std::size_t(ncols));
-            }
+            for (int i = 0; i < mc; ++i)
+                std::memcpy(out + (m0 + i) * N + g * GROUP, tile.get() + std::size_t(i) * GROUP,
+                            sizeof(float) * std::size_t(ncols));
         }
     }
 }
