@@ -134,32 +134,43 @@ std::int64_t rows_per_task(std::int64_t M, std::int64_t G, int threads, std::int
     return std::max<std::int64_t>(quantum, std::min<std::int64_t>(MB, mb));
 }
 
-// 2-D grid of (row block, 64-column group) tasks over rows a[M][lda].
-template <class Fix>
-void run_grid(const KernelTable& kt, const std::uint64_t* a, std::size_t lda, std::int64_t M,
-              const PackedWeights& W, const OutSpec& out, int threads, const Fix& fix) {
-    if (M <= 0) return;
+// The 2-D grid of (block of mbr <= MB rows, 64-column group) tasks over M rows, on up to
+// `threads` threads (fewer for less `work`): body(m0, mc, g, tile) for rows m0 .. m0+mc-1 and
+// group g, with a per-thread scratch tile of MB x GROUP values T.
+template <class T, class Body>
+void tile_grid(std::int64_t M, std::int64_t mbr, const PackedWeights& W, int threads, double work,
+               const Body& body) {
     const std::int64_t G = W.ngroups;
-    const std::int64_t mbr = rows_per_task(M, G, threads, 6);
     const std::int64_t nmb = (M + mbr - 1) / mbr;
     const std::int64_t ntasks = nmb * G;
     // stream the larger operand once: if activations outweigh weights, rows outer
     const bool rows_outer = M > W.N;
-    const int nt = clamp_threads(threads, ntasks, double(M) * double(W.N) * double(W.KW));
+    const int nt = clamp_threads(threads, ntasks, work);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        AlignedArray<std::int32_t> tile = aligned_array<std::int32_t>(std::size_t(MB) * GROUP);
+        AlignedArray<T> tile = aligned_array<T>(std::size_t(MB) * GROUP);
 #pragma omp for schedule(static)
         for (std::int64_t t = 0; t < ntasks; ++t) {
             const std::int64_t mb = rows_outer ? t / G : t % nmb;
             const std::int64_t g = rows_outer ? t % G : t / nmb;
             const std::int64_t m0 = mb * mbr;
-            const int mc = int(std::min<std::int64_t>(mbr, M - m0));
-            kt.xor_popcount_tile(a + std::size_t(m0) * lda, lda, mc, W.group(g), std::size_t(W.KW),
-                                 W.group_panels(g), tile.get(), GROUP);
-            finish_tile(kt, out, W, m0, mc, g, tile.get(), fix);
+            body(m0, int(std::min<std::int64_t>(mbr, M - m0)), g, tile.get());
         }
     }
+}
+
+// XOR/popcount GEMM of rows a[M][lda] with an epilogue per tile.
+template <class Fix>
+void run_grid(const KernelTable& kt, const std::uint64_t* a, std::size_t lda, std::int64_t M,
+              const PackedWeights& W, const OutSpec& out, int threads, const Fix& fix) {
+    if (M <= 0) return;
+    tile_grid<std::int32_t>(M, rows_per_task(M, W.ngroups, threads, 6), W, threads,
+                            double(M) * double(W.N) * double(W.KW),
+                            [&](std::int64_t m0, int mc, std::int64_t g, std::int32_t* tile) {
+                                kt.xor_popcount_tile(a + std::size_t(m0) * lda, lda, mc, W.group(g),
+                                                     std::size_t(W.KW), W.group_panels(g), tile, GROUP);
+                                finish_tile(kt, out, W, m0, mc, g, tile, fix);
+                            });
 }
 
 }  // namespace
@@ -248,27 +259,15 @@ void bitplane_sums(const std::uint8_t* x, std::int64_t M, const PackedWeights& W
     const std::int64_t K = W.K, KW = W.KW, N = W.N, G = W.ngroups;
     // planes: row 8m + b = bit plane b of x[m]
     AlignedArray<std::uint64_t> planes = aligned_array<std::uint64_t>(std::size_t(M) * 8 * std::size_t(KW));
+    for (std::int64_t m = 0; m < M; ++m)
+        kt.pack_bitplanes_row(x + std::size_t(m) * std::size_t(K), std::size_t(K),
+                              planes.get() + std::size_t(m) * 8 * std::size_t(KW), std::size_t(KW));
     const std::int64_t R = 8 * M;
-    const std::int64_t mbr = rows_per_task(R, G, threads, 24);  // % 8 == 0: whole outputs
-    const std::int64_t nmb = (R + mbr - 1) / mbr;
-    const std::int64_t ntasks = nmb * G;
-    const bool rows_outer = M > N;
-    const int nt = clamp_threads(threads, std::max(ntasks, M), 8.0 * double(M) * double(N) * double(KW));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-#pragma omp for schedule(static)
-        for (std::int64_t m = 0; m < M; ++m)
-            kt.pack_bitplanes_row(x + std::size_t(m) * std::size_t(K), std::size_t(K),
-                                  planes.get() + std::size_t(m) * 8 * std::size_t(KW), std::size_t(KW));
-        AlignedArray<std::int32_t> tile = aligned_array<std::int32_t>(std::size_t(MB) * GROUP);
-#pragma omp for schedule(static)
-        for (std::int64_t t = 0; t < ntasks; ++t) {
-            const std::int64_t mb = rows_outer ? t / G : t % nmb;
-            const std::int64_t g = rows_outer ? t % G : t / nmb;
-            const std::int64_t r0 = mb * mbr;
-            const int rc = int(std::min<std::int64_t>(mbr, R - r0));
+    tile_grid<std::int32_t>(
+        R, rows_per_task(R, G, threads, 24), W, threads, double(R) * double(N) * double(KW),  // 24: whole outputs
+        [&](std::int64_t r0, int rc, std::int64_t g, std::int32_t* tile) {
             kt.xor_popcount_tile(planes.get() + std::size_t(r0) * std::size_t(KW), std::size_t(KW), rc,
-                                 W.group(g), std::size_t(KW), W.group_panels(g), tile.get(), GROUP);
+                                 W.group(g), std::size_t(KW), W.group_panels(g), tile, GROUP);
             const int ncols = W.group_cols(g);
             const std::int64_t n0 = g * GROUP;
             for (int i = 0; i < rc / 8; ++i) {
@@ -280,8 +279,7 @@ void bitplane_sums(const std::uint8_t* x, std::int64_t M, const PackedWeights& W
                 }
                 emit_sums(sums, r0 / 8 + i, g, ncols, N, G, out, outside);
             }
-        }
-    }
+        });
 }
 
 // uint8 x int8 multiply-adds (u8_tile) on W's int8 copy.
@@ -303,26 +301,14 @@ void byte_sums(const std::uint8_t* x, std::int64_t M, const PackedWeights& W, st
         }
         rows = padded.get();
     }
-    const std::int64_t mbr = rows_per_task(M, G, threads, 6);
-    const std::int64_t nmb = (M + mbr - 1) / mbr;
-    const std::int64_t ntasks = nmb * G;
-    const bool rows_outer = M > N;
-    const int nt = clamp_threads(threads, ntasks, double(M) * double(N) * double(K4) / 16.0);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        AlignedArray<std::int32_t> tile = aligned_array<std::int32_t>(std::size_t(MB) * GROUP);
-#pragma omp for schedule(static)
-        for (std::int64_t t = 0; t < ntasks; ++t) {
-            const std::int64_t mb = rows_outer ? t / G : t % nmb;
-            const std::int64_t g = rows_outer ? t % G : t / nmb;
-            const std::int64_t m0 = mb * mbr;
-            const int mc = int(std::min<std::int64_t>(mbr, M - m0));
-            kt.u8_tile(rows + std::size_t(m0) * ldx, ldx, mc, B.group(g), std::size_t(K4), W.group_panels(g),
-                       tile.get(), GROUP);
-            const int ncols = W.group_cols(g);
-            for (int i = 0; i < mc; ++i) emit_sums(tile.get() + std::size_t(i) * GROUP, m0 + i, g, ncols, N, G, out, outside);
-        }
-    }
+    tile_grid<std::int32_t>(
+        M, rows_per_task(M, G, threads, 6), W, threads, double(M) * double(N) * double(K4) / 16.0,
+        [&](std::int64_t m0, int mc, std::int64_t g, std::int32_t* tile) {
+            kt.u8_tile(rows + std::size_t(m0) * ldx, ldx, mc, B.group(g), std::size_t(K4), W.group_panels(g), tile,
+                       GROUP);
+            for (int i = 0; i < mc; ++i)
+                emit_sums(tile + std::size_t(i) * GROUP, m0 + i, g, W.group_cols(g), N, G, out, outside);
+        });
 }
 
 // A single row takes the bit planes: the int8 copy is 8x the bits, and one row does not repay
@@ -366,29 +352,16 @@ void u8_driver(const std::uint8_t* x, std::int64_t M, const PackedWeights& W, st
 void float_driver(const float* x, std::int64_t M, const PackedWeights& W, float* out, int threads) {
     if (M <= 0) return;
     const KernelTable& kt = current_table();
-    const std::int64_t K = W.K, N = W.N, G = W.ngroups;
-    constexpr std::int64_t FMB = 32;
-    const std::int64_t nmb = (M + FMB - 1) / FMB;
-    const std::int64_t ntasks = nmb * G;
-    const bool rows_outer = M > N;
-    const int nt = clamp_threads(threads, ntasks, double(M) * double(N) * double(K) / 4.0);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        AlignedArray<float> tile = aligned_array<float>(std::size_t(FMB) * GROUP);
-#pragma omp for schedule(static)
-        for (std::int64_t t = 0; t < ntasks; ++t) {
-            const std::int64_t mb = rows_outer ? t / G : t % nmb;
-            const std::int64_t g = rows_outer ? t % G : t / nmb;
-            const std::int64_t m0 = mb * FMB;
-            const int mc = int(std::min<std::int64_t>(FMB, M - m0));
-            kt.float_tile(x + std::size_t(m0) * std::size_t(K), std::size_t(K), mc, W.group(g),
-                          std::size_t(K), std::size_t(W.KW), W.group_panels(g), tile.get(), GROUP);
-            const int ncols = W.group_cols(g);
-            for (int i = 0; i < mc; ++i)
-                std::memcpy(out + (m0 + i) * N + g * GROUP, tile.get() + std::size_t(i) * GROUP,
-                            sizeof(float) * std::size_t(ncols));
-        }
-    }
+    const std::int64_t K = W.K, N = W.N;
+    constexpr std::int64_t FMB = 32;  // rows per task
+    tile_grid<float>(M, FMB, W, threads, double(M) * double(N) * double(K) / 4.0,
+                     [&](std::int64_t m0, int mc, std::int64_t g, float* tile) {
+                         kt.float_tile(x + std::size_t(m0) * std::size_t(K), std::size_t(K), mc, W.group(g),
+                                       std::size_t(K), std::size_t(W.KW), W.group_panels(g), tile, GROUP);
+                         for (int i = 0; i < mc; ++i)
+                             std::memcpy(out + (m0 + i) * N + g * GROUP, tile + std::size_t(i) * GROUP,
+                                         sizeof(float) * std::size_t(W.group_cols(g)));
+                     });
 }
 
 // ---- conv ----------------------------------------------------------------------------------
