@@ -179,13 +179,17 @@ def test_threshold_scale_zero_is_constant(path):
     a = pack_pm1(rand_pm1(rng, (4, K)))
     got = bm.gemm_threshold(a, np.zeros(N, np.int8), np.array([-5, 0, 1], np.int32))
     np.testing.assert_array_equal(bits_to_bool(got, N), np.tile([False, False, True], (4, 1)))
-    # extreme thresholds with every scale
+    # extreme thresholds with every scale (1 − t overflows int32 for t = min and min + 1)
     lo, hi = np.iinfo(np.int32).min, np.iinfo(np.int32).max
-    bm6 = kn.BinaryMatrix(pack_pm1(rand_pm1(rng, (6, K))), K)
-    scale = np.array([1, 1, -1, -1, 0, 0], np.int8)
-    thresh = np.array([lo, hi, lo, hi, lo, hi], np.int32)
-    got = bm6.gemm_threshold(a, scale, thresh)
-    np.testing.assert_array_equal(bits_to_bool(got, 6), np.tile([False, True, False, True, False, True], (4, 1)))
+    bm9 = kn.BinaryMatrix(pack_pm1(rand_pm1(rng, (9, K))), K)
+    scale = np.array([1, 1, 1, -1, -1, -1, 0, 0, 0], np.int8)
+    thresh = np.array([lo, lo + 1, hi] * 3, np.int32)
+    got = bm9.gemm_threshold(a, scale, thresh)
+    expect = [False, False, True, False, False, True, False, False, True]  # −1 iff s·dot < t
+    np.testing.assert_array_equal(bits_to_bool(got, 9), np.tile(expect, (4, 1)))
+    conv = kn.BinaryConv2d(pack_pm1(rand_pm1(rng, (9, 1, 1, K))), K, 1, 1)
+    got = conv.conv_threshold(a.reshape(4, 1, 1, -1), scale, thresh)
+    np.testing.assert_array_equal(bits_to_bool(got.reshape(4, -1), 9), np.tile(expect, (4, 1)))
 
 
 @pytest.mark.parametrize("M", [1, 3, 64])
@@ -228,7 +232,7 @@ def test_matrix_roundtrip_and_noncontiguous(path):
 
 
 # ---------------------------------------------------------------------------- first layer
-@pytest.mark.parametrize("M", [1, 3, 7, 8, 37, 64])  # below 8 rows bit planes, from 8 int8 multiply-adds
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 37, 64])  # 1 row: bit planes; more: int8 multiply-adds
 def test_bitplane_gemm(path, M):
     rng = np.random.default_rng(30 + M)
     for K in (1, 27, 63, 65, 784):
@@ -245,7 +249,7 @@ def test_bitplane_gemm(path, M):
 @pytest.mark.parametrize("M", [1, 3, 64])
 def test_float_gemm_binary(path, M):
     rng = np.random.default_rng(40 + M)
-    for K, Ns in ((1, (1, 5, 65)), (63, (1, 5, 65)), (65, (1, 5, 65)), (200, (1, 5, 65)),
+    for K, Ns in ((1, (1, 5, 65)), (63, (1, 5, 65)), (65, (1, 5, 65)), (200, (1, 5, 24, 65)),
                   (4161, (9,))):  # 4161: kernels that cut K into chunks of 4096 carry across
         for N in Ns:
             x = rng.standard_normal((M, K)).astype(np.float32)

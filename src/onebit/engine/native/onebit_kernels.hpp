@@ -136,7 +136,7 @@ __attribute__((always_inline)) inline bool threshold_prep_body(const S* s, const
     for (std::int64_t n = 0; n < N; ++n) {
         const std::int32_t sv = s[n], tv = t[n];
         bad |= int(sv < -1) | int(sv > 1);
-        const std::int32_t neg = tv == INT32_MIN ? INT32_MAX : 1 - tv;  // 1 - t, saturated
+        const std::int32_t neg = tv <= INT32_MIN + 1 ? INT32_MAX : 1 - tv;  // 1 - t, saturated
         const std::int32_t zero = tv > 0 ? INT32_MAX : INT32_MIN;
         tcmp[n] = sv > 0 ? tv : (sv < 0 ? neg : zero);
     }
@@ -176,8 +176,9 @@ std::string current_path();
 
 // ---------------------------------------------------------------------------------------
 // The +-1 weights as int8 for the uint8 x int8 multiply-add kernel (u8_tile), built on first
-// use by byte_weights(): group g at data + g * K4 * GROUP * 4, laid out [K4][rows][4] (4
-// consecutive k of one row side by side, rows of the group's panels), 0 beyond K.
+// use by byte_weights(): group g at data + g * K4 * GROUP * 4 (only the last group may hold
+// fewer than 8 panels), laid out [K4][rows][4] (4 consecutive k of one row side by side, rows
+// of the group's panels), 0 beyond K.
 struct ByteWeights {
     std::once_flag built;
     std::int64_t K4 = 0;

@@ -321,8 +321,9 @@ const ByteWeights& byte_weights(const PackedWeights& W) {
     ByteWeights& B = *W.bytes;
     std::call_once(B.built, [&W, &B] {
         const std::int64_t K4 = (W.K + 3) / 4;
-        AlignedArray<std::int8_t> data = aligned_array<std::int8_t>(std::size_t(W.ngroups * K4 * GROUP * 4));
-        std::memset(data.get(), 0, std::size_t(W.ngroups * K4 * GROUP * 4));
+        const std::size_t bytes = std::size_t(K4 * 4 * W.npanels * PANEL);
+        AlignedArray<std::int8_t> data = aligned_array<std::int8_t>(bytes);
+        std::memset(data.get(), 0, bytes);
         for (std::int64_t g = 0; g < W.ngroups; ++g) {
             const std::uint64_t* bits = W.group(g);
             const std::size_t ldw = std::size_t(W.group_panels(g)) * PANEL;  // words per k word
