@@ -144,50 +144,68 @@ ONEBIT_T2_INLINE void panel_masks_avx2(const std::uint64_t* w, std::size_t ldw, 
     }
 }
 
-// R rows x one panel over k = k0 .. k0+nk-1; the accumulators start at 0 when k0 == 0 and
-// are carried through out[] between chunks (a float32 store and load changes nothing, so each
-// output is still one accumulator adding its terms in increasing k).
-template <int R>
-ONEBIT_T2_INLINE void float_micro_avx2(const float* x, std::size_t ldx, const std::uint8_t* masks,
+// R rows x PN panels over k = k0 .. k0+nk-1 (masks[p]: panel p's masks of this chunk); the
+// accumulators start at 0 when k0 == 0 and are carried through out[] between chunks (a float32
+// store and load changes nothing, so each output is still one accumulator adding its terms in
+// increasing k). R x PN independent accumulators hide the latency of the adds.
+template <int R, int PN>
+ONEBIT_T2_INLINE void float_micro_avx2(const float* x, std::size_t ldx, const std::uint8_t* const* masks,
                                        std::size_t k0, std::size_t nk, float* out, std::size_t ldo) {
-    __m256 acc[R];
+    __m256 acc[R][PN];
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
-        acc[i] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out + std::size_t(i) * ldo);
+#pragma GCC unroll 8
+        for (int p = 0; p < PN; ++p)
+            acc[i][p] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out + std::size_t(i) * ldo + PANEL * p);
     for (std::size_t k = 0; k < nk; ++k) {
-        const __m256i sm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSignLut.v[masks[k]]));
+        __m256 sign[PN];
+#pragma GCC unroll 8
+        for (int p = 0; p < PN; ++p)
+            sign[p] = _mm256_castsi256_ps(
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(kSignLut.v[masks[p][k]])));
 #pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
             const __m256 xb = _mm256_set1_ps(x[std::size_t(i) * ldx + k0 + k]);
-            acc[i] = _mm256_add_ps(acc[i], _mm256_xor_ps(xb, _mm256_castsi256_ps(sm)));
+#pragma GCC unroll 8
+            for (int p = 0; p < PN; ++p) acc[i][p] = _mm256_add_ps(acc[i][p], _mm256_xor_ps(xb, sign[p]));
         }
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) _mm256_storeu_ps(out + std::size_t(i) * ldo, acc[i]);
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+        for (int p = 0; p < PN; ++p) _mm256_storeu_ps(out + std::size_t(i) * ldo + PANEL * p, acc[i][p]);
 }
 
-// K is cut into chunks of CHUNK_WORDS words whose panel masks (4 KiB) stay in L1 while every
-// row block of the tile reuses them.
+// K is cut into chunks of CHUNK_WORDS words whose panel masks (4 KiB per panel) stay in L1
+// while every row block of the tile reuses them.
 constexpr std::size_t CHUNK_WORDS = 64;
+
+template <int PN>
+ONEBIT_T2_INLINE void float_panels_avx2(const float* x, std::size_t ldx, int m, const std::uint64_t* w,
+                                        std::size_t ldw, std::size_t K, std::size_t KW, float* out,
+                                        std::size_t ldo) {
+    alignas(64) std::uint8_t masks[PN][64 * CHUNK_WORDS];
+    const std::uint8_t* panel_masks[PN];
+    for (int p = 0; p < PN; ++p) panel_masks[p] = masks[p];
+    for (std::size_t c0 = 0; c0 < KW; c0 += CHUNK_WORDS) {
+        const std::size_t nw = KW - c0 < CHUNK_WORDS ? KW - c0 : CHUNK_WORDS;
+        for (int p = 0; p < PN; ++p) panel_masks_avx2(w + PANEL * p, ldw, c0, nw, masks[p]);
+        const std::size_t k0 = 64 * c0, nk = (K - k0 < 64 * nw) ? K - k0 : 64 * nw;
+        int i = 0;
+        for (; i + 4 <= m; i += 4)
+            float_micro_avx2<4, PN>(x + std::size_t(i) * ldx, ldx, panel_masks, k0, nk, out + std::size_t(i) * ldo, ldo);
+        for (; i < m; ++i)
+            float_micro_avx2<1, PN>(x + std::size_t(i) * ldx, ldx, panel_masks, k0, nk, out + std::size_t(i) * ldo, ldo);
+    }
+}
 
 ONEBIT_T2 void float_tile_avx2(const float* x, std::size_t ldx, int m, const std::uint64_t* w,
                                std::size_t K, std::size_t KW, int npan, float* out,
                                std::size_t ldo) {
     const std::size_t ldw = std::size_t(npan) * PANEL;
-    alignas(64) std::uint8_t masks[64 * CHUNK_WORDS];
-    for (int p = 0; p < npan; ++p) {
-        for (std::size_t c0 = 0; c0 < KW; c0 += CHUNK_WORDS) {
-            const std::size_t nw = KW - c0 < CHUNK_WORDS ? KW - c0 : CHUNK_WORDS;
-            panel_masks_avx2(w + PANEL * p, ldw, c0, nw, masks);
-            const std::size_t k0 = 64 * c0, nk = (K - k0 < 64 * nw) ? K - k0 : 64 * nw;
-            float* o = out + PANEL * p;
-            int i = 0;
-            for (; i + 4 <= m; i += 4)
-                float_micro_avx2<4>(x + std::size_t(i) * ldx, ldx, masks, k0, nk, o + std::size_t(i) * ldo, ldo);
-            for (; i < m; ++i)
-                float_micro_avx2<1>(x + std::size_t(i) * ldx, ldx, masks, k0, nk, o + std::size_t(i) * ldo, ldo);
-        }
-    }
+    int p = 0;
+    for (; p + 2 <= npan; p += 2) float_panels_avx2<2>(x, ldx, m, w + PANEL * p, ldw, K, KW, out + PANEL * p, ldo);
+    if (p < npan) float_panels_avx2<1>(x, ldx, m, w + PANEL * p, ldw, K, KW, out + PANEL * p, ldo);
 }
 
 ONEBIT_T2 void finish_tile_avx2(const TileEpilogue& e) {
