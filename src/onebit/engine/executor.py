@@ -21,10 +21,11 @@ x = ((p / L)·2) − 1 of integer pixels p ∈ [0, L], :func:`pixels_to_inputs`)
 starts (after flattens) with a binary ``dense``/``conv`` on real inputs, that layer also runs
 on the pixels: S = Σ_k p_k·s_k exactly with :func:`~onebit.engine.kernels.bitplane_gemm`
 (integer multiply-adds of the uint8 pixels, or bit planes for one row, instead of K float
-adds per output), on a uint8 im2col for a conv, then y = (2·S − L·Σ_k s_k)/L rounded once to float32 (plus the contribution of a conv's
-padding): the correctly rounded real pre-activation, where the float path sums float32 values
-with one rounding per add. A following ``threshold`` becomes integer bounds on S (found at load
-by bisection over the same float32 y, so fused and traced results agree). :meth:`Model.predict`
+adds per output), on a uint8 im2col for a conv, then y = (2·S − L·Σ_k s_k)/L rounded once to
+float32 (plus the contribution of a conv's padding): the correctly rounded real
+pre-activation, where the float path sums float32 values with one rounding per add. A
+following ``threshold`` becomes integer bounds on S (found at load by bisection over the same
+float32 y, so fused and traced results agree), compared inside the kernel. :meth:`Model.predict`
 takes this path when every value of the batch is exactly such an x (bit for bit),
 :meth:`Model.predict_uint8` always; any other input keeps the float path.
 
@@ -220,8 +221,8 @@ class _Step:
     scale: np.ndarray | None = None  # threshold: direction s
     thresh: np.ndarray | None = None  # threshold: t
     mul: np.ndarray | None = None  # affine
-    pool_bits: Callable[[np.ndarray], np.ndarray] | None = None  # maxpool: its max-pool of bits
     add: np.ndarray | None = None
+    pool_bits: Callable[[np.ndarray], np.ndarray] | None = None  # maxpool: its max-pool of bits
     # the pixel path of a real-input binary dense/conv (files with input_levels): pixel_sums maps
     # uint8 pixels (engine layout) to the exact S = Σ_k p_k·s_k in the op's output layout, and
     # the op's float32 output is _pixel_values(S, pixel_base, L)
