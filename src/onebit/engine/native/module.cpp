@@ -428,13 +428,6 @@ py::array_t<std::uint8_t, py::array::c_style> bitplane_input(const py::handle& x
     return x;
 }
 
-py::array_t<float, py::array::c_style> float_input(const py::handle& x_obj, const BinaryMatrix& w) {
-    auto x = get<float>(x_obj, "x", 2);
-    if (x.shape(1) != w.K())
-        fail("x has " + std::to_string(x.shape(1)) + " features, the matrix expects K=" + std::to_string(w.K()));
-    return x;
-}
-
 // lo / hi of bitplane_gemm_outside: alike, int32 [P, N], P >= 1 dividing the M rows of x
 using Bounds = py::array_t<std::int32_t, py::array::c_style>;
 std::pair<Bounds, Bounds> outside_bounds(const py::handle& lo_obj, const py::handle& hi_obj, std::int64_t M,
@@ -482,7 +475,9 @@ py::array bitplane_gemm_outside_py(const py::handle& x_obj, const BinaryMatrix& 
 
 py::array float_gemm_binary_py(const py::handle& x_obj, const BinaryMatrix& w, int threads) {
     check_threads(threads);
-    auto x = float_input(x_obj, w);
+    auto x = get<float>(x_obj, "x", 2);
+    if (x.shape(1) != w.K())
+        fail("x has " + std::to_string(x.shape(1)) + " features, the matrix expects K=" + std::to_string(w.K()));
     const std::int64_t M = x.shape(0);
     py::array_t<float> out({M, w.N()});
     const float* xp = x.data();

@@ -239,10 +239,6 @@ std::uint64_t outside_word(const OutsideBits& o, const std::int32_t* v, std::int
     return pack_bytes64(out);
 }
 
-}  // namespace
-
-namespace {
-
 // one row of sums of group g: into out [M][N], or as bits of OutsideBits
 inline void emit_sums(const std::int32_t* sums, std::int64_t m, std::int64_t g, int ncols, std::int64_t N,
                       std::int64_t G, std::int32_t* out, const OutsideBits* outside) {
