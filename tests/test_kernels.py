@@ -246,7 +246,7 @@ def test_bitplane_gemm(path, M):
             np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T)
 
 
-@pytest.mark.parametrize("M", [1, 3, 64])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 10, 64])  # every row remainder of the 6-row AVX2 block
 def test_float_gemm_binary(path, M):
     rng = np.random.default_rng(40 + M)
     for K, Ns in ((1, (1, 5, 65)), (63, (1, 5, 65)), (65, (1, 5, 65)), (200, (1, 5, 24, 65)),

@@ -24,7 +24,7 @@ bool cpu_has_avx512() {
 bool cpu_has_avx2() {
 #if defined(ONEBIT_X86) && defined(__GNUC__)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
 #else
     return false;
 #endif

@@ -7,8 +7,10 @@
 
 #include "popcount_avx2.hpp"
 
-#define ONEBIT_T2 __attribute__((target("avx2,popcnt")))
-#define ONEBIT_T2_INLINE __attribute__((target("avx2,popcnt"), always_inline)) inline
+// fma: the float x binary GEMM multiplies by +-1.0 (exact, so one rounding as in an add); no
+// other code here contracts a multiply and an add, since the build passes -ffp-contract=off
+#define ONEBIT_T2 __attribute__((target("avx2,fma,popcnt")))
+#define ONEBIT_T2_INLINE __attribute__((target("avx2,fma,popcnt"), always_inline)) inline
 
 namespace onebit {
 namespace {
@@ -117,12 +119,12 @@ ONEBIT_T2 void pack_bitplanes_row_avx2(const std::uint8_t* x, std::size_t K, std
     }
 }
 
-// byte (8 weight bits of one panel at one k) -> 8 int32 lanes, lane j = sign bit if bit j set
+// byte (8 weight bits of one panel at one k) -> 8 float lanes, lane j = -1 if bit j set, else +1
 struct SignLut {
-    alignas(32) std::uint32_t v[256][8];
+    alignas(32) float v[256][8];
     SignLut() {
         for (int m = 0; m < 256; ++m)
-            for (int j = 0; j < 8; ++j) v[m][j] = ((m >> j) & 1) ? 0x80000000u : 0u;
+            for (int j = 0; j < 8; ++j) v[m][j] = ((m >> j) & 1) ? -1.0f : 1.0f;
     }
 };
 const SignLut kSignLut;
@@ -147,7 +149,9 @@ ONEBIT_T2_INLINE void panel_masks_avx2(const std::uint64_t* w, std::size_t ldw, 
 // R rows x PN panels over k = k0 .. k0+nk-1 (masks[p]: panel p's masks of this chunk); the
 // accumulators start at 0 when k0 == 0 and are carried through out[] between chunks (a float32
 // store and load changes nothing, so each output is still one accumulator adding its terms in
-// increasing k). R x PN independent accumulators hide the latency of the adds.
+// increasing k). fma(x, +-1, acc) rounds acc +- x once, exactly as an add of +-x would, and
+// takes one instruction where xor + add take two: the loop is bound by the two FMA pipes
+// rather than by the front end. R x PN independent accumulators hide the FMA latency.
 template <int R, int PN>
 ONEBIT_T2_INLINE void float_micro_avx2(const float* x, std::size_t ldx, const std::uint8_t* const* masks,
                                        std::size_t k0, std::size_t nk, float* out, std::size_t ldo) {
@@ -160,14 +164,12 @@ ONEBIT_T2_INLINE void float_micro_avx2(const float* x, std::size_t ldx, const st
     for (std::size_t k = 0; k < nk; ++k) {
         __m256 sign[PN];
 #pragma GCC unroll 8
-        for (int p = 0; p < PN; ++p)
-            sign[p] = _mm256_castsi256_ps(
-                _mm256_load_si256(reinterpret_cast<const __m256i*>(kSignLut.v[masks[p][k]])));
+        for (int p = 0; p < PN; ++p) sign[p] = _mm256_load_ps(kSignLut.v[masks[p][k]]);
 #pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
             const __m256 xb = _mm256_set1_ps(x[std::size_t(i) * ldx + k0 + k]);
 #pragma GCC unroll 8
-            for (int p = 0; p < PN; ++p) acc[i][p] = _mm256_add_ps(acc[i][p], _mm256_xor_ps(xb, sign[p]));
+            for (int p = 0; p < PN; ++p) acc[i][p] = _mm256_fmadd_ps(xb, sign[p], acc[i][p]);
         }
     }
 #pragma GCC unroll 8
@@ -192,10 +194,18 @@ ONEBIT_T2_INLINE void float_panels_avx2(const float* x, std::size_t ldx, int m, 
         for (int p = 0; p < PN; ++p) panel_masks_avx2(w + PANEL * p, ldw, c0, nw, masks[p]);
         const std::size_t k0 = 64 * c0, nk = (K - k0 < 64 * nw) ? K - k0 : 64 * nw;
         int i = 0;
-        for (; i + 4 <= m; i += 4)
-            float_micro_avx2<4, PN>(x + std::size_t(i) * ldx, ldx, panel_masks, k0, nk, out + std::size_t(i) * ldo, ldo);
-        for (; i < m; ++i)
-            float_micro_avx2<1, PN>(x + std::size_t(i) * ldx, ldx, panel_masks, k0, nk, out + std::size_t(i) * ldo, ldo);
+        for (; i + 6 <= m; i += 6) float_micro_avx2<6, PN>(x + std::size_t(i) * ldx, ldx, panel_masks, k0, nk,
+                                                            out + std::size_t(i) * ldo, ldo);
+        const float* xr = x + std::size_t(i) * ldx;
+        float* orow = out + std::size_t(i) * ldo;
+        switch (m - i) {
+            case 1: float_micro_avx2<1, PN>(xr, ldx, panel_masks, k0, nk, orow, ldo); break;
+            case 2: float_micro_avx2<2, PN>(xr, ldx, panel_masks, k0, nk, orow, ldo); break;
+            case 3: float_micro_avx2<3, PN>(xr, ldx, panel_masks, k0, nk, orow, ldo); break;
+            case 4: float_micro_avx2<4, PN>(xr, ldx, panel_masks, k0, nk, orow, ldo); break;
+            case 5: float_micro_avx2<5, PN>(xr, ldx, panel_masks, k0, nk, orow, ldo); break;
+            default: break;
+        }
     }
 }
 
@@ -204,6 +214,8 @@ ONEBIT_T2 void float_tile_avx2(const float* x, std::size_t ldx, int m, const std
                                std::size_t ldo) {
     const std::size_t ldw = std::size_t(npan) * PANEL;
     int p = 0;
+    if (m <= 2)  // few rows: more independent accumulators per row to hide the FMA latency
+        for (; p + 4 <= npan; p += 4) float_panels_avx2<4>(x, ldx, m, w + PANEL * p, ldw, K, KW, out + PANEL * p, ldo);
     for (; p + 2 <= npan; p += 2) float_panels_avx2<2>(x, ldx, m, w + PANEL * p, ldw, K, KW, out + PANEL * p, ldo);
     if (p < npan) float_panels_avx2<1>(x, ldx, m, w + PANEL * p, ldw, K, KW, out + PANEL * p, ldo);
 }
