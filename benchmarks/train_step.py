@@ -5,6 +5,12 @@
 A step is zero_grad → forward → loss → backward → optimizer step → latent-weight clipping,
 the exact sequence :func:`onebit.train.train` runs. The ratio binary/float is the figure of
 merit (goal: ≤ 1.3): the straight-through estimator should cost little over float training.
+Networks with convolutions are timed in both memory layouts, NCHW (``contiguous``) and NHWC
+(``channels_last``, what :func:`onebit.train.train` uses on a CPU), to show what NHWC buys.
+
+The variants of one network (float and binary, in each layout) take their steps in turns,
+one step each per round, so that a machine whose speed drifts during the run (a shared VM,
+turbo, another process) slows them alike instead of biasing whichever ran last.
 """
 from __future__ import annotations
 
@@ -24,27 +30,30 @@ CASES = [
     # (label, binary model, float twin, kwargs, input shape, batch)
     ("binarynet_mlp 784-3x4096-10", "binarynet_mlp", "float_mlp", {}, (1, 28, 28), 100),
     ("binarynet_cnn width 0.5, 32x32", "binarynet_cnn", "float_cnn", {"width": 0.5}, (3, 32, 32), 50),
+    ("wrn_1bit WRN-8-4, 28x28", "wrn_1bit", "float_wrn", {"depth": 8, "width": 4}, (1, 28, 28), 128),
 ]
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def step_seconds(model_name: str, kwargs: dict, in_shape: tuple, batch: int, repeats: int, warmup: int) -> float:
+def training_step(model_name: str, kwargs: dict, in_shape: tuple, batch: int, layout: torch.memory_format):
+    """A function that runs one training step of a fresh ``model_name`` and returns its seconds."""
     torch.manual_seed(0)
-    model = create_model(model_name, in_shape=in_shape, **kwargs).train()
+    model = create_model(model_name, in_shape=in_shape, **kwargs).train().to(memory_format=layout)
     optimizer = build_optimizer(model, "adam", 1e-3)
     loss_fn = get_loss("cross_entropy")
     x = torch.randn(batch, *in_shape)
     y = torch.randint(0, 10, (batch,))
-    times = []
-    for i in range(warmup + repeats):
+
+    def step() -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         clip_latent_weights(model)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return step
 
 
 def main() -> None:
@@ -56,13 +65,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps")
-    print(f"{'network':34s} {'batch':>5s} {'float ms':>9s} {'binary ms':>10s} {'ratio':>6s}")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps, variants in turns")
+    print(f"{'network':34s} {'layout':14s} {'batch':>5s} {'float ms':>9s} {'binary ms':>10s} {'ratio':>6s}")
     for label, binary, floating, kwargs, in_shape, batch in CASES:
-        f = step_seconds(floating, kwargs, in_shape, batch, args.repeats, args.warmup)
-        b = step_seconds(binary, kwargs, in_shape, batch, args.repeats, args.warmup)
-        rows.append({"network": label, "batch": batch, "float_s": f, "binary_s": b, "ratio": b / f})
-        print(f"{label:34s} {batch:5d} {1e3 * f:9.1f} {1e3 * b:10.1f} {b / f:6.2f}")
+        has_conv = any(isinstance(m, torch.nn.Conv2d) for m in create_model(binary, in_shape=in_shape, **kwargs).modules())
+        layouts = list(LAYOUTS) if has_conv else ["contiguous"]
+        steps = {(kind, layout): training_step(name, kwargs, in_shape, batch, LAYOUTS[layout])
+                 for layout in layouts for kind, name in (("float", floating), ("binary", binary))}
+        times = {key: [] for key in steps}
+        for i in range(args.warmup + args.repeats):
+            for key, step in steps.items():
+                seconds = step()
+                if i >= args.warmup:
+                    times[key].append(seconds)
+        for layout in layouts:
+            f, b = (statistics.median(times[kind, layout]) for kind in ("float", "binary"))
+            rows.append({"network": label, "layout": layout, "batch": batch, "float_s": f, "binary_s": b,
+                         "ratio": b / f})
+            print(f"{label:34s} {layout:14s} {batch:5d} {1e3 * f:9.1f} {1e3 * b:10.1f} {b / f:6.2f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, handle, indent=2)

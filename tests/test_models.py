@@ -56,6 +56,39 @@ def test_forward_shape_and_backward(name, in_shape):
         assert model(x[:1]).shape == (1, 7)
 
 
+@pytest.mark.parametrize("name", sorted(n for n in MODELS.names() if not n.endswith("mlp")))
+def test_channels_last_computes_the_same_network(name):
+    """onebit.train runs convolutional models in NHWC on a CPU: every quantizer and layer must give
+    the same outputs, batch-norm statistics and gradients in both memory layouts (up to rounding)."""
+    # a random projection of the logits: their mean square is ~1 whatever the weights (the last
+    # layer is a batch norm), so its gradient would be rounding noise
+    projection = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = create_model(name, in_shape=(3, 12, 12), num_classes=5, width=1 / 8).to(memory_format=layout)
+        x = torch.randn(6, 3, 12, 12).contiguous(memory_format=layout)
+        out = model(x)
+        (out * projection).sum().backward()
+        stats = [b.clone() for b in model.buffers()]
+        model.eval()
+        with torch.no_grad():
+            results.append((out.detach(), [p.grad.clone() for p in model.parameters()], stats, model(x)))
+    (out_a, grads_a, stats_a, eval_a), (out_b, grads_b, stats_b, eval_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eval_b, eval_a, rtol=1e-4, atol=1e-4)
+    for a, b in zip(stats_a, stats_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    if name == "xnor_cnn":
+        # α·β-scaled convolutions round differently in the two layouts, so values that tie exactly
+        # in one max-pool window differ by an ulp in the other and the gradient goes to another,
+        # equally maximal, input (BinaryNet's ±1 sums are exact integers in either order: no such
+        # ties). The forward pass and the statistics above are what must agree.
+        return
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+
 @pytest.mark.parametrize("name", sorted(MODELS.names()))
 def test_default_shapes_and_docs(name):
     model = create_model(name, **small(name))

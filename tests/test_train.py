@@ -60,6 +60,25 @@ def test_resume_after_one_epoch_is_bit_exact(tmp_path):
     assert_same_state(weights(tmp_path / "a" / "run" / "last.pt"), weights(tmp_path / "b" / "run" / "last.pt"))
 
 
+def test_a_convolutional_network_trains_in_channels_last_and_resumes_bit_exact(tmp_path):
+    cnn = dict(model="binarynet_cnn", model_kwargs={"width": 1 / 16})
+    train(small(tmp_path / "a", epochs=2, **cnn))
+    train(small(tmp_path / "b", epochs=1, **cnn))
+    train(small(tmp_path / "b", epochs=2, resume=True, **cnn))
+    state = weights(tmp_path / "a" / "run" / "last.pt")
+    assert_same_state(state, weights(tmp_path / "b" / "run" / "last.pt"))
+    convs = [tensor for tensor in state.values() if tensor.ndim == 4 and tensor.shape[1] > 1]  # 1 channel: both layouts
+    assert convs and all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in convs)
+    # a checkpoint in NHWC still loads into a fresh (NCHW) model and gives the same predictions
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "a" / "run" / "last.pt")).eval()
+    assert all(p.is_contiguous() for p in model.parameters())
+    nhwc = model_from_checkpoint(load_checkpoint(tmp_path / "a" / "run" / "last.pt")).eval()
+    nhwc.to(memory_format=torch.channels_last)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), nhwc(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("interrupt_after", [5, 21])  # digits, batch 64: 21 batches an epoch
 def test_interrupt_mid_epoch_saves_and_resume_is_bit_exact(tmp_path, monkeypatch, interrupt_after):
     config = dict(epochs=2, model_kwargs={"hidden": 64}, optimizer="adam", scheduler="exponential", lr_end=1e-4)
