@@ -149,9 +149,9 @@ ONEBIT_T2_INLINE void panel_masks_avx2(const std::uint64_t* w, std::size_t ldw, 
 // R rows x PN panels over k = k0 .. k0+nk-1 (masks[p]: panel p's masks of this chunk); the
 // accumulators start at 0 when k0 == 0 and are carried through out[] between chunks (a float32
 // store and load changes nothing, so each output is still one accumulator adding its terms in
-// increasing k). fma(x, +-1, acc) rounds acc +- x once, exactly as an add of +-x would, and
-// takes one instruction where xor + add take two: the loop is bound by the two FMA pipes
-// rather than by the front end. R x PN independent accumulators hide the FMA latency.
+// increasing k). fma(x, +-1, acc) rounds acc +- x once, exactly as an add of +-x would, in
+// one instruction where xor + add took two (1.15-1.18x on WRN conv shapes, docs/benchmarks.md).
+// R x PN independent accumulators hide the FMA latency.
 template <int R, int PN>
 ONEBIT_T2_INLINE void float_micro_avx2(const float* x, std::size_t ldx, const std::uint8_t* const* masks,
                                        std::size_t k0, std::size_t nk, float* out, std::size_t ldo) {
