@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 import torch
 
+from onebit.bench import median_time
 from onebit.engine import kernels
 
 SHAPES = [  # (label, M, K, N)
@@ -27,17 +26,6 @@ SHAPES = [  # (label, M, K, N)
     ("WRN-20-4 stage 3 conv, 256 -> 256", 16 * 7 * 7, 9 * 256, 256),
     ("dense 4096 -> 4096, batch 16", 16, 4096, 4096),
 ]
-
-
-def median_seconds(call, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -58,13 +46,14 @@ def main() -> None:
         w = np.where(rng.random((N, K)) < 0.5, -1.0, 1.0).astype(np.float32)
         matrix = kernels.BinaryMatrix(kernels.pack_signs(w), K)
         xt, wt = torch.from_numpy(x), torch.from_numpy(w).T.contiguous()
-        torch_s = median_seconds(lambda: xt @ wt, args.repeats)
+        torch_s = median_time(lambda: xt @ wt, args.repeats, warmup=2).median_ms / 1e3
         want = (xt @ wt).numpy()
         for path in args.paths.split(","):
             kernels.set_path(path)
             got = kernels.float_gemm_binary(x, matrix, args.threads)
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.sqrt(K))
-            engine_s = median_seconds(lambda: kernels.float_gemm_binary(x, matrix, args.threads), args.repeats)
+            engine_s = median_time(lambda: kernels.float_gemm_binary(x, matrix, args.threads), args.repeats,
+                                   warmup=2).median_ms / 1e3
             gmacs = M * K * N / engine_s / 1e9
             rows.append({"shape": label, "M": M, "K": K, "N": N, "path": path, "threads": args.threads,
                          "engine_ms": engine_s * 1e3, "torch_ms": torch_s * 1e3, "engine_gmacs": gmacs,

@@ -25,6 +25,7 @@ from onebit.layers import clip_latent_weights
 from onebit.losses import get_loss
 from onebit.models import create_model
 from onebit.optim import build_optimizer
+from onebit.train import training_memory_format
 
 CASES = [
     # (label, binary model, float twin, kwargs, input shape, batch)
@@ -68,8 +69,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps, variants in turns")
     print(f"{'network':34s} {'layout':14s} {'batch':>5s} {'float ms':>9s} {'binary ms':>10s} {'ratio':>6s}")
     for label, binary, floating, kwargs, in_shape, batch in CASES:
-        has_conv = any(isinstance(m, torch.nn.Conv2d) for m in create_model(binary, in_shape=in_shape, **kwargs).modules())
-        layouts = list(LAYOUTS) if has_conv else ["contiguous"]
+        nhwc = training_memory_format(create_model(binary, in_shape=in_shape, **kwargs), torch.device("cpu"))
+        layouts = list(LAYOUTS) if nhwc == torch.channels_last else ["contiguous"]
         steps = {(kind, layout): training_step(name, kwargs, in_shape, batch, LAYOUTS[layout])
                  for layout in layouts for kind, name in (("float", floating), ("binary", binary))}
         times = {key: [] for key in steps}

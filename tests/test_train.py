@@ -70,9 +70,10 @@ def test_a_convolutional_network_trains_in_channels_last_and_resumes_bit_exact(t
     convs = [tensor for tensor in state.values() if tensor.ndim == 4 and tensor.shape[1] > 1]  # 1 channel: both layouts
     assert convs and all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in convs)
     # a checkpoint in NHWC still loads into a fresh (NCHW) model and gives the same predictions
-    model = model_from_checkpoint(load_checkpoint(tmp_path / "a" / "run" / "last.pt")).eval()
+    checkpoint = load_checkpoint(tmp_path / "a" / "run" / "last.pt")
+    model = model_from_checkpoint(checkpoint).eval()
     assert all(p.is_contiguous() for p in model.parameters())
-    nhwc = model_from_checkpoint(load_checkpoint(tmp_path / "a" / "run" / "last.pt")).eval()
+    nhwc = model_from_checkpoint(checkpoint).eval()
     nhwc.to(memory_format=torch.channels_last)
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():

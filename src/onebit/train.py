@@ -233,6 +233,15 @@ def model_from_checkpoint(state: dict) -> nn.Module:
     return model.eval()
 
 
+def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """The layout :func:`train` gives ``model``'s weights on ``device``: NHWC (``channels_last``) for
+    a network with convolutions on a CPU, where oneDNN's convolutions run faster in it (a training
+    step 1.12-1.18x for WRN-8-4, 1.08-1.13x for binarynet_cnn, benchmarks/train_step.py); else as built."""
+    if device.type == "cpu" and any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _best_epoch(history: list[dict]) -> int:
     """The epoch whose weights ``best.pt`` holds: the first with the highest score."""
     scores = [row.get("val_accuracy", row["train_accuracy"]) for row in history]
@@ -410,11 +419,8 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     if config.sync_bn and context.distributed:
         model = sync_batch_norm(model, device)
     model.to(device)
-    if device.type == "cpu" and any(isinstance(module, nn.Conv2d) for module in model.modules()):
-        # oneDNN's CPU convolutions are faster on NHWC ("channels last") tensors: a training step
-        # 1.12-1.18x for WRN-8-4, 1.08-1.13x for binarynet_cnn (benchmarks/train_step.py); the
-        # inputs follow the weights' layout. Before DDP, whose gradient buckets copy the layout.
-        model.to(memory_format=torch.channels_last)
+    # before DDP, whose gradient buckets copy the layout; the inputs follow the weights' layout
+    model.to(memory_format=training_memory_format(model, device))
     # DDP averages gradients; the optimizer, the clipping and Bop then act on identical
     # values on every rank, which the per-epoch checksum below verifies
     trained = nn.parallel.DistributedDataParallel(model) if context.distributed else model
