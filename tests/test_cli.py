@@ -179,6 +179,24 @@ def test_train_passes_optimizer_options_and_rejects_unknown_ones(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_refuses_to_start_over_an_unfinished_run(tmp_path):
+    from onebit.train import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    args = ("train", "float_mlp", "--dataset", "digits", "-m", "hidden=16", "--epochs", "2", "--threads", "1",
+            "--quiet", "--out", str(out))
+    assert main(list(args)) == 0
+    state = load_checkpoint(out / "last.pt")
+    save_checkpoint(out / "last.pt", dict(state, epoch=1, history=state["history"][:1]))  # killed after epoch 1
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().endswith(f"{out} holds an unfinished run (epoch 1 of 2): continue it with "
+                                           "--resume, or start afresh there with --overwrite")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # untouched
+    assert run_cli(*args, "--resume", "--overwrite").returncode == 2
+    assert main([*args, "--overwrite"]) == 0
+
+
 def test_train_with_crop_flip_cutout_schedule_args_and_compressed_learning(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "float_mlp", "--dataset", "digits", "-m", "hidden=32", "--epochs", "2", "--threads", "1",

@@ -153,6 +153,41 @@ def test_tensorboard_holds_each_epoch_once_after_a_resume_and_a_fresh_run(tmp_pa
     assert logged_epochs() == [1, 2]
 
 
+def kill_after_first_epoch(out):
+    """Make ``out`` look like a 2-epoch run killed after epoch 1's checkpoint."""
+    from onebit.train import save_checkpoint
+
+    state = load_checkpoint(out / "last.pt")
+    save_checkpoint(out / "last.pt", dict(state, epoch=1, history=state["history"][:1]))
+
+
+def test_a_fresh_run_into_an_unfinished_one_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    train(small(tmp_path, epochs=2))
+    kill_after_first_epoch(out)
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "metrics.csv")}
+    with pytest.raises(OnebitError, match=r"holds an unfinished run \(epoch 1 of 2\): continue it with --resume"):
+        train(small(tmp_path, epochs=2))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    with pytest.raises(OnebitError, match="give one"):
+        small(tmp_path, resume=True, overwrite=True)
+    assert train(small(tmp_path, epochs=2, overwrite=True)).epochs_run == 2
+    assert train(small(tmp_path, epochs=1)).epochs_run == 1  # a finished run may be replaced
+
+
+def test_resume_rewrites_lost_metrics_files_from_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    straight = train(small(tmp_path, epochs=2)).history
+    kill_after_first_epoch(out)
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.csv").unlink()
+    train(small(tmp_path, epochs=2, resume=True))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert rows[0] == straight[0]
+    assert (out / "metrics.csv").read_text().count("\n") == 3  # header and two epochs
+
+
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         train(small(tmp_path, resume=True))

@@ -84,6 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         out=args.out,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.quiet,
         device=args.device,
         sync_bn=args.sync_bn,
@@ -395,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     train.add_argument("--out", "-o", help="output folder for checkpoints and metrics (default runs/onebit, runs/RECIPE)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in OUT even if it holds an unfinished run (which is refused otherwise)")
     train.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-epoch lines")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available")
     train.add_argument("--amp", action="store_true", default=None,

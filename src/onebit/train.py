@@ -9,7 +9,8 @@ Typical use::
 
 Each epoch writes ``last.pt`` (and ``best.pt`` when validation improves) atomically into
 ``out``; ``TrainConfig(resume=True)`` continues from ``last.pt`` so that 2 epochs straight and
-1 + 1 resumed give identical weights and metrics. Batches depend only on (seed, epoch), and the
+1 + 1 resumed give identical weights and metrics. A fresh run into a folder that holds an
+unfinished one (its ``last.pt`` short of its epochs) is refused unless ``overwrite=True``. Batches depend only on (seed, epoch), and the
 torch RNG states (dropout, stochastic binarization; CPU and CUDA) are stored in the checkpoint.
 Ctrl-C saves the state reached mid-epoch, including how many batches of the epoch were done and
 their loss and accuracy sums, and resuming skips them. A resumed run must keep every setting
@@ -81,6 +82,7 @@ class TrainConfig:
     threads: int | None = None
     out: str = "runs/onebit"
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace an unfinished one in ``out``
     progress: bool = True
     device: str = "auto"
     sync_bn: bool = False
@@ -119,6 +121,8 @@ class TrainConfig:
             raise OnebitError(f"seed must be in 0 .. 2^63 - 1, got {self.seed}")
         if {"in_shape", "num_classes"} & set(self.model_kwargs):
             raise OnebitError("in_shape and num_classes come from the dataset; do not pass them as model arguments")
+        if self.resume and self.overwrite:
+            raise OnebitError("resume continues the run in the output folder and overwrite replaces it: give one")
         if self.amp and self.device == "cpu":
             raise OnebitError("mixed precision (amp) is for CUDA devices; drop --amp or use --device cuda")
 
@@ -134,7 +138,7 @@ class TrainResult:
 
 
 #: settings that do not change what a run computes: runs differing only in these are repeats
-NOT_THE_EXPERIMENT = ("seed", "out", "resume", "progress", "threads", "data_dir", "device")
+NOT_THE_EXPERIMENT = ("seed", "out", "resume", "overwrite", "progress", "threads", "data_dir", "device")
 
 #: experiment settings a resumed run may change: more epochs extend the run, recompute_bn acts
 #: after the last epoch, and the recipe name is a label
@@ -158,6 +162,20 @@ def experiment_settings(config: dict) -> dict[str, Any]:
     if not settings.get("teacher"):
         moot |= {"distill_weight", "distill_temperature"}
     return {k: v for k, v in settings.items() if k not in moot}
+
+
+def _unfinished_run(path: Path) -> str | None:
+    """How far the run whose ``last.pt`` is ``path`` got, if it stopped before its last epoch."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:  # nothing a resume could continue
+        return None
+    epoch, epochs = state.get("epoch"), state["config"].get("epochs")
+    if state.get("batches_done") or (isinstance(epoch, int) and isinstance(epochs, int) and epoch < epochs):
+        return f"epoch {epoch} of {epochs}"
+    return None
 
 
 def _check_resumable(saved_config: dict, config: TrainConfig, path: Path) -> None:
@@ -249,56 +267,37 @@ def _best_epoch(history: list[dict]) -> int:
 
 
 # --------------------------------------------------------------------------- metrics
-def _json_row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def _epoch_of(row: dict) -> float:
-    """A metrics row's epoch; a row without a readable one sorts after every epoch (it is dropped)."""
-    try:
-        return int(row.get("epoch"))
-    except (TypeError, ValueError):
-        return math.inf
-
-
 class MetricsLog:
     """Per-epoch metrics as JSON lines, CSV and TensorBoard scalars."""
 
-    def __init__(self, out: Path, resume_epoch: int | None) -> None:
-        """``resume_epoch``: the epoch a resumed run continues after (None: a fresh run)."""
+    def __init__(self, out: Path, resumed_history: list[dict] | None) -> None:
+        """``resumed_history``: the epochs in the checkpoint a resumed run continues (None: a fresh run)."""
         self.jsonl = out / "metrics.jsonl"
         self.csv = out / "metrics.csv"
         events = out / "tensorboard"
-        if resume_epoch is None:
+        if resumed_history is None:
             for path in (self.jsonl, self.csv, *events.glob("events.out.tfevents.*")):
                 path.unlink(missing_ok=True)
-        else:  # a kill between the metrics row and the checkpoint leaves rows the resumed run redoes
-            self._keep_epochs(resume_epoch)
+        else:
+            # the checkpoint is the record: the files may hold rows of epochs it redoes (a kill
+            # between a row and its checkpoint), a row cut by a kill, or be gone
+            self._rewrite(resumed_history)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard drops the earlier files' events from the first epoch redone on
-        self.tensorboard = SummaryWriter(log_dir=str(events),
-                                         purge_step=None if resume_epoch is None else resume_epoch + 1)
+        self.tensorboard = SummaryWriter(
+            log_dir=str(events), purge_step=None if resumed_history is None else len(resumed_history) + 1)
 
-    def _keep_epochs(self, last: int) -> None:
-        # a kill in the middle of an append leaves a cut last row: it is dropped with the later ones
-        if self.jsonl.exists():
-            rows = [row for row in map(_json_row, self.jsonl.read_text(errors="replace").splitlines())
-                    if row is not None and _epoch_of(row) <= last]
-            with atomic_write(self.jsonl, "w") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in rows)
-        if self.csv.exists():
-            with self.csv.open(newline="", errors="replace") as handle:
-                reader = csv.DictReader(handle)
-                fields, rows = reader.fieldnames, [r for r in reader if _epoch_of(r) <= last]
-            with atomic_write(self.csv, "w") as handle:
-                writer = csv.DictWriter(handle, fieldnames=fields or [])
-                writer.writeheader()
-                writer.writerows(rows)
+    def _rewrite(self, rows: list[dict]) -> None:
+        with atomic_write(self.jsonl, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        if not rows:
+            self.csv.unlink(missing_ok=True)
+            return
+        with atomic_write(self.csv, "w") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
     def write(self, row: dict) -> None:
         with self.jsonl.open("a") as handle:
@@ -405,6 +404,10 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
     resume_state = load_checkpoint(out / "last.pt") if config.resume else None
     if resume_state is not None:
         _check_resumable(dict(resume_state["config"]), config, out / "last.pt")
+    elif not config.overwrite and (reached := _unfinished_run(out / "last.pt")):
+        # a fresh run would wipe its metrics and then its checkpoints: hours of training
+        raise OnebitError(f"{out} holds an unfinished run ({reached}): continue it with --resume, "
+                          "or start afresh there with --overwrite")
 
     torch.manual_seed(config.seed)
     # the model before the data: a bad model argument is reported without waiting for a download
@@ -509,7 +512,7 @@ def _train(config: TrainConfig, context: DistContext) -> TrainResult:
             json.dump(dataclasses.asdict(config), handle, indent=2)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
     progress = config.progress and main
-    log = MetricsLog(out, resume_state["epoch"] if resume_state is not None else None) if main else None
+    log = MetricsLog(out, history if resume_state is not None else None) if main else None
     started = time.perf_counter()
     interrupted = False
     compression = compressed_activations(model, code=config.compressed) if config.compressed else contextlib.nullcontext()
