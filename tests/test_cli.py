@@ -190,7 +190,7 @@ def test_train_refuses_to_start_over_an_unfinished_run(tmp_path):
     save_checkpoint(out / "last.pt", dict(state, epoch=1, history=state["history"][:1]))  # killed after epoch 1
     refused = run_cli(*args)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().endswith(f"{out} holds an unfinished run (epoch 1 of 2): continue it with "
+    assert refused.stderr.strip().endswith(f"{out} holds an unfinished run (1 of 2 epochs done): continue it with "
                                            "--resume, or start afresh there with --overwrite")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # untouched
     assert run_cli(*args, "--resume", "--overwrite").returncode == 2

@@ -102,6 +102,8 @@ def test_interrupt_mid_epoch_saves_and_resume_is_bit_exact(tmp_path, monkeypatch
     assert interrupted.interrupted
     state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
     assert state["epoch"] == 0 and state["batches_done"] == interrupt_after
+    with pytest.raises(OnebitError, match=r"unfinished run \(stopped in epoch 1 of 2\)"):
+        train(small(tmp_path / "b", **config))
     resumed = train(small(tmp_path / "b", resume=True, **config))
     assert_same_state(weights(tmp_path / "a" / "run" / "last.pt"), weights(tmp_path / "b" / "run" / "last.pt"))
     # the cut epoch's metrics cover the batches before the Ctrl-C too, so best.pt is chosen as straight
@@ -166,7 +168,7 @@ def test_a_fresh_run_into_an_unfinished_one_is_refused_unless_overwrite(tmp_path
     train(small(tmp_path, epochs=2))
     kill_after_first_epoch(out)
     before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "metrics.csv")}
-    with pytest.raises(OnebitError, match=r"holds an unfinished run \(epoch 1 of 2\): continue it with --resume"):
+    with pytest.raises(OnebitError, match=r"holds an unfinished run \(1 of 2 epochs done\): continue it with --resume"):
         train(small(tmp_path, epochs=2))
     assert {name: (out / name).read_bytes() for name in before} == before
     with pytest.raises(OnebitError, match="give one"):

@@ -10,8 +10,9 @@ Typical use::
 Each epoch writes ``last.pt`` (and ``best.pt`` when validation improves) atomically into
 ``out``; ``TrainConfig(resume=True)`` continues from ``last.pt`` so that 2 epochs straight and
 1 + 1 resumed give identical weights and metrics. A fresh run into a folder that holds an
-unfinished one (its ``last.pt`` short of its epochs) is refused unless ``overwrite=True``. Batches depend only on (seed, epoch), and the
-torch RNG states (dropout, stochastic binarization; CPU and CUDA) are stored in the checkpoint.
+unfinished one (its ``last.pt`` short of its epochs) is refused unless ``overwrite=True``.
+Batches depend only on (seed, epoch), and the torch RNG states (dropout, stochastic
+binarization; CPU and CUDA) are stored in the checkpoint.
 Ctrl-C saves the state reached mid-epoch, including how many batches of the epoch were done and
 their loss and accuracy sums, and resuming skips them. A resumed run must keep every setting
 that changes what it computes (:func:`experiment_settings`) except ``epochs``, which may grow.
@@ -173,9 +174,11 @@ def _unfinished_run(path: Path) -> str | None:
     except CheckpointError:  # nothing a resume could continue
         return None
     epoch, epochs = state.get("epoch"), state["config"].get("epochs")
-    if state.get("batches_done") or (isinstance(epoch, int) and isinstance(epochs, int) and epoch < epochs):
-        return f"epoch {epoch} of {epochs}"
-    return None
+    if not (isinstance(epoch, int) and isinstance(epochs, int)):
+        return None
+    if state.get("batches_done"):  # saved by Ctrl-C in the middle of an epoch
+        return f"stopped in epoch {epoch + 1} of {epochs}"
+    return f"{epoch} of {epochs} epochs done" if epoch < epochs else None
 
 
 def _check_resumable(saved_config: dict, config: TrainConfig, path: Path) -> None:
