@@ -180,14 +180,13 @@ def test_train_passes_optimizer_options_and_rejects_unknown_ones(tmp_path):
 
 
 def test_train_refuses_to_start_over_an_unfinished_run(tmp_path):
-    from onebit.train import load_checkpoint, save_checkpoint
+    from trainconfigs import rewind_to_epoch
 
     out = tmp_path / "run"
     args = ("train", "float_mlp", "--dataset", "digits", "-m", "hidden=16", "--epochs", "2", "--threads", "1",
             "--quiet", "--out", str(out))
     assert main(list(args)) == 0
-    state = load_checkpoint(out / "last.pt")
-    save_checkpoint(out / "last.pt", dict(state, epoch=1, history=state["history"][:1]))  # killed after epoch 1
+    rewind_to_epoch(out, 1)
     refused = run_cli(*args)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().endswith(f"{out} holds an unfinished run (1 of 2 epochs done): continue it with "

@@ -34,6 +34,7 @@ from onebit.errors import FileWriteError
 from onebit.files import atomic_write
 from onebit.errors import OnebitError
 from onebit.train import load_checkpoint
+from trainconfigs import rewind_to_epoch
 
 SRC = str(Path(onebit.__file__).resolve().parents[1])
 EPOCHS = 40
@@ -156,12 +157,7 @@ def test_metrics_rows_are_not_duplicated_after_resume(tmp_path, keep_torch_threa
     """A kill between an epoch's metrics row and its checkpoint used to make --resume log that epoch twice."""
     out = tmp_path / "run"
     assert cli.main(train_args(out, 3)) == 0
-    state = load_checkpoint(out / "last.pt")
-    # simulate the kill: the epoch-3 row was written, the epoch-3 checkpoint was not
-    from onebit.train import save_checkpoint
-
-    epoch2 = dict(state, epoch=2, history=state["history"][:2])
-    save_checkpoint(out / "last.pt", epoch2)
+    rewind_to_epoch(out, 2)  # the kill: the epoch-3 row was written, the epoch-3 checkpoint was not
     assert cli.main(train_args(out, 3, "--resume")) == 0
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]

@@ -7,6 +7,7 @@ import torch
 
 from onebit.errors import CheckpointError, OnebitError, UnknownNameError
 from onebit.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from trainconfigs import rewind_to_epoch
 
 
 def small(tmp_path, **overrides):
@@ -155,18 +156,10 @@ def test_tensorboard_holds_each_epoch_once_after_a_resume_and_a_fresh_run(tmp_pa
     assert logged_epochs() == [1, 2]
 
 
-def kill_after_first_epoch(out):
-    """Make ``out`` look like a 2-epoch run killed after epoch 1's checkpoint."""
-    from onebit.train import save_checkpoint
-
-    state = load_checkpoint(out / "last.pt")
-    save_checkpoint(out / "last.pt", dict(state, epoch=1, history=state["history"][:1]))
-
-
 def test_a_fresh_run_into_an_unfinished_one_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     train(small(tmp_path, epochs=2))
-    kill_after_first_epoch(out)
+    rewind_to_epoch(out, 1)
     before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "metrics.csv")}
     with pytest.raises(OnebitError, match=r"holds an unfinished run \(1 of 2 epochs done\): continue it with --resume"):
         train(small(tmp_path, epochs=2))
@@ -180,7 +173,7 @@ def test_a_fresh_run_into_an_unfinished_one_is_refused_unless_overwrite(tmp_path
 def test_resume_rewrites_lost_metrics_files_from_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     straight = train(small(tmp_path, epochs=2)).history
-    kill_after_first_epoch(out)
+    rewind_to_epoch(out, 1)
     (out / "metrics.jsonl").unlink()
     (out / "metrics.csv").unlink()
     train(small(tmp_path, epochs=2, resume=True))
